@@ -1,0 +1,100 @@
+"""Per-stream state (SPEC.md section 7).
+
+Each stream has two sides: ours (what we send) and the peer's (what we receive). A side is AWAITING_REPLY
+(responder's side before the final REPLY), OPEN, or CLOSED (END_STREAM sent or received). RESET removes the
+stream outright, so there is no "reset" side state: a stream absent from the table is closed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+
+class Side(enum.Enum):
+    AWAITING_REPLY = "awaiting-reply"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class StreamState(enum.Enum):
+    """The HTTP/2-style name of a stream's state, as seen by one endpoint."""
+
+    IDLE = "idle"
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"
+    HALF_CLOSED_REMOTE = "half-closed (remote)"
+    CLOSED = "closed"
+
+
+class Stream:
+    __slots__ = (
+        "active",
+        "end_pending",
+        "local_initiated",
+        "outbound",
+        "outbound_bytes",
+        "queued",
+        "recv_consumed",
+        "recv_side",
+        "recv_unacked",
+        "recv_window",
+        "send_side",
+        "send_window",
+        "stream_id",
+        "trailers_pending",
+    )
+
+    def __init__(self, stream_id: int, *, local_initiated: bool, send_window: int, recv_window: int) -> None:
+        self.stream_id = stream_id
+        self.local_initiated = local_initiated
+        # The initiator's side carries the request (already OPEN once the OPEN frame exists); the responder's
+        # side must start with a final REPLY.
+        self.send_side = Side.OPEN if local_initiated else Side.AWAITING_REPLY
+        self.recv_side = Side.AWAITING_REPLY if local_initiated else Side.OPEN
+        self.send_window = send_window
+        self.recv_window = recv_window
+        # Received, delivered, not yet acknowledged by the application: still counted against both windows.
+        self.recv_unacked = 0
+        # Acknowledged but not yet credited back by a WINDOW_UPDATE (we batch to half a window).
+        self.recv_consumed = 0
+        self.outbound: deque[memoryview] = deque()
+        self.outbound_bytes = 0
+        self.end_pending = False
+        self.trailers_pending: bytes | None = None
+        # In the connection's round-robin queue of streams with something to send.
+        self.queued = False
+        # Counts toward MAX_CONCURRENT_STREAMS until both END_STREAMs have crossed.
+        self.active = True
+
+    @property
+    def has_pending_output(self) -> bool:
+        return self.outbound_bytes > 0 or self.end_pending
+
+    def take(self, size: int) -> list[memoryview]:
+        """Remove and return the first `size` queued octets as views, without copying."""
+        pieces: list[memoryview] = []
+        outbound = self.outbound
+        remaining = size
+        while remaining:
+            head = outbound[0]
+            if len(head) <= remaining:
+                pieces.append(outbound.popleft())
+                remaining -= len(head)
+            else:
+                pieces.append(head[:remaining])
+                outbound[0] = head[remaining:]
+                remaining = 0
+        self.outbound_bytes -= size
+        return pieces
+
+    def state(self) -> StreamState:
+        send_closed = self.send_side is Side.CLOSED and not self.end_pending
+        recv_closed = self.recv_side is Side.CLOSED
+        if send_closed and recv_closed:
+            return StreamState.CLOSED
+        if send_closed:
+            return StreamState.HALF_CLOSED_LOCAL
+        if recv_closed:
+            return StreamState.HALF_CLOSED_REMOTE
+        return StreamState.OPEN
