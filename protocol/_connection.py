@@ -8,6 +8,7 @@ action is validated before anything is queued, so a `LocalProtocolError` leaves 
 from __future__ import annotations
 
 import enum
+import struct
 from collections import deque
 from collections.abc import Sequence
 
@@ -32,6 +33,8 @@ from ._stream import Side, Stream, StreamState
 
 _HEADER_SIZE = F.FRAME_HEADER_SIZE
 _DATA = int(F.FrameType.DATA)
+_OPEN = int(F.FrameType.OPEN)
+_STREAM_ID = struct.Struct(">I")
 _END = F.FLAG_END_STREAM
 
 
@@ -76,6 +79,8 @@ class Connection:
         self._conn_update_threshold = max(1, self.local_settings.connection_window // 2)
         self._stream_update_threshold = max(1, self.local_settings.initial_stream_window // 2)
 
+        # The runtime compares this with what it managed to write to learn which OPENs never left (SPEC 10).
+        self.highest_emitted_local_stream_id = 0
         self._goaway_sent = False
         self._goaway_received_last: int | None = None
 
@@ -284,6 +289,8 @@ class Connection:
         control = self._control
         while control and (budget >= len(control[0]) or not out):
             frame = control.popleft()
+            if frame[3] == _OPEN:
+                self.highest_emitted_local_stream_id = _STREAM_ID.unpack_from(frame, 5)[0]
             out.append(frame)
             budget -= len(frame)
         if not control and self.state is ConnectionState.OPEN:
