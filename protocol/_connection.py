@@ -36,6 +36,11 @@ _DATA = int(F.FrameType.DATA)
 _OPEN = int(F.FrameType.OPEN)
 _STREAM_ID = struct.Struct(">I")
 _END = F.FLAG_END_STREAM
+# The frame header codec, bound once: the per-frame loops below are the core's hot paths.
+_HEADER_STRUCT = struct.Struct(">IBI")
+_pack_header = _HEADER_STRUCT.pack
+_unpack_header = _HEADER_STRUCT.unpack_from
+_HEAD_TYPES = frozenset(int(t) for t in F.HEAD_FRAME_TYPES)
 
 
 class Role(enum.Enum):
@@ -82,6 +87,7 @@ class Connection:
         # The runtime compares this with what it managed to write to learn which OPENs never left (SPEC 10).
         self.highest_emitted_local_stream_id = 0
         self._goaway_sent = False
+        self._goaway_last_sent = 0  # last-stream-id of our first GOAWAY; later ones repeat it
         self._goaway_received_last: int | None = None
 
         limits_ = self.limits
@@ -250,6 +256,8 @@ class Connection:
             raise LocalProtocolError("cannot acknowledge a negative amount")
         stream = self._streams.get(stream_id)
         if stream is None:
+            if not self._is_used_id(stream_id):
+                raise LocalProtocolError(f"stream {stream_id} was never opened")
             # Closed by RESET: its unacknowledged bytes were credited to the connection already (SPEC 8).
             return
         if size > stream.recv_unacked:
@@ -275,8 +283,10 @@ class Connection:
     def goaway(self, error_code: ErrorCode = ErrorCode.NO_ERROR, debug: bytes = b"") -> None:
         """Promise to process no stream the peer opens after the ones already seen (SPEC 10)."""
         self._require_usable()
-        max_debug = (self.peer_settings or Settings()).max_frame_size - 8
-        self._control.append(F.encode_goaway(self._highest_peer_id, error_code, debug[:max_debug]))
+        # Before the peer's HELLO its MAX_FRAME_SIZE is unknown: assume the smallest any peer may declare.
+        peer = self.peer_settings
+        max_debug = (peer.max_frame_size if peer is not None else 1024) - 8
+        self._control.append(F.encode_goaway(self._goaway_last_stream_id(), error_code, debug[:max_debug]))
         self._goaway_sent = True
 
     # -- output ------------------------------------------------------------------------------------
@@ -301,6 +311,7 @@ class Connection:
         queue = self._send_queue
         streams = self._streams
         max_frame = self._peer().max_frame_size
+        append = out.append
         waiting = 0  # consecutive streams skipped for lack of connection window or budget
         while queue and waiting < len(queue) and budget > _HEADER_SIZE:
             stream_id = queue.popleft()
@@ -309,39 +320,68 @@ class Connection:
                 continue
             size = stream.outbound_bytes
             if size:
-                size = min(size, stream.send_window, self._conn_send_window, max_frame)
-                size = min(size, budget - _HEADER_SIZE)
+                window = stream.send_window
+                conn_window = self._conn_send_window
+                room = budget - _HEADER_SIZE
+                # min() of four values, spelled out: this runs once per DATA frame.
+                if window < size:
+                    size = window
+                if conn_window < size:
+                    size = conn_window
+                if max_frame < size:
+                    size = max_frame
+                if room < size:
+                    size = room
                 if size <= 0:
-                    if stream.send_window <= 0:
+                    if window <= 0:
                         stream.queued = False  # a WINDOW_UPDATE for it re-queues it
                     else:
                         queue.append(stream_id)
                         waiting += 1
                     continue
-                stream.send_window -= size
-                self._conn_send_window -= size
+                stream.send_window = window - size
+                self._conn_send_window = conn_window - size
+            skipped = waiting
             waiting = 0
-            pieces = stream.take(size) if size else []
-            drained = stream.outbound_bytes == 0
+            drained = stream.outbound_bytes == size
             flags = 0
             if drained and stream.end_pending and stream.trailers_pending is None:
                 flags = _END
                 stream.end_pending = False
-            if size or flags:
-                out.append(F.pack_header(size, _DATA, flags, stream_id))
-                out.extend(pieces)
+            if size:
+                append(_pack_header((size << 8) | _DATA, flags, stream_id))
+                outbound = stream.outbound
+                first = outbound[0]
+                if len(first) == size:  # common cases first: a whole buffer, or a frame-sized piece of one
+                    append(outbound.popleft())
+                    stream.outbound_bytes -= size
+                elif len(first) > size:
+                    append(first[:size])
+                    outbound[0] = first[size:]
+                    stream.outbound_bytes -= size
+                else:
+                    out.extend(stream.take(size))
                 budget -= _HEADER_SIZE + size
+            elif flags:
+                append(_pack_header(_DATA, flags, stream_id))
+                budget -= _HEADER_SIZE
             if drained and stream.trailers_pending is not None:
                 trailers = stream.trailers_pending
-                out.append(F.encode_frame(F.FrameType.TRAILERS, _END, stream_id, trailers))
-                budget -= _HEADER_SIZE + len(trailers)
-                stream.trailers_pending = None
-                stream.end_pending = False
-            if stream.has_pending_output:
+                # Stay within max_bytes (data_to_send's contract): TRAILERS that do not fit wait for the
+                # next call, unless nothing at all went out yet (at least one frame per call).
+                if _HEADER_SIZE + len(trailers) <= budget or not out:
+                    append(F.encode_frame(F.FrameType.TRAILERS, _END, stream_id, trailers))
+                    budget -= _HEADER_SIZE + len(trailers)
+                    stream.trailers_pending = None
+                    stream.end_pending = False
+                elif not size:
+                    waiting = skipped + 1  # nothing went out for this stream: it counts as skipped
+            if stream.outbound_bytes or stream.end_pending:
                 queue.append(stream_id)
             else:
                 stream.queued = False
-                self._maybe_retire(stream)
+                if stream.send_side is Side.CLOSED:
+                    self._maybe_retire(stream)
         return budget
 
     # -- input -------------------------------------------------------------------------------------
@@ -377,24 +417,33 @@ class Connection:
         local = self.local_settings
         max_frame = local.max_frame_size
         max_head = local.max_head_size
+        smaller_limit = min(max_frame, max_head)
+        max_control = self.limits.max_control_queue
+        control = self._control
+        on_data = self._on_data
+        opened = ConnectionState.OPEN
         while end - pos >= _HEADER_SIZE:
-            length, frame_type, flags, stream_id = F.unpack_header(buf, pos)
-            limit = max_head if frame_type in F.HEAD_FRAME_TYPES else max_frame
-            if length > limit:
-                raise RemoteProtocolError(
-                    f"frame of type {frame_type} with {length} octets exceeds the limit of {limit}",
-                    ErrorCode.FRAME_SIZE_ERROR,
-                )
-            frame_end = pos + _HEADER_SIZE + length
+            length_type, flags, stream_id = _unpack_header(buf, pos)
+            length = length_type >> 8
+            frame_type = length_type & 0xFF
+            if length > smaller_limit:  # checked from the header alone, before buffering (SPEC 3.1)
+                limit = max_head if frame_type in _HEAD_TYPES else max_frame
+                if length > limit:
+                    raise RemoteProtocolError(
+                        f"frame of type {frame_type} with {length} octets exceeds the limit of {limit}",
+                        ErrorCode.FRAME_SIZE_ERROR,
+                    )
+            start = pos + _HEADER_SIZE
+            frame_end = start + length
             if frame_end > end:
                 break
-            payload = view[pos + _HEADER_SIZE : frame_end]
             pos = frame_end
-            if frame_type == _DATA and self.state is ConnectionState.OPEN:
-                self._on_data(stream_id, flags, payload, events, now)
+            stream_id &= 0x7FFFFFFF  # the R bit is ignored (SPEC 3)
+            if frame_type == _DATA and self.state is opened:
+                on_data(stream_id, flags, view[start:frame_end], events, now)
             else:
-                self._on_frame(frame_type, flags, stream_id, payload, events, now)
-            if len(self._control) > self.limits.max_control_queue:
+                self._on_frame(frame_type, flags, stream_id, view[start:frame_end], events, now)
+            if len(control) > max_control:
                 raise RemoteProtocolError(
                     "peer provoked too many queued control frames without reading them",
                     ErrorCode.ENHANCE_YOUR_CALM,
@@ -402,8 +451,7 @@ class Connection:
         if pos < end:
             self._partial += view[pos:]
             if end - pos >= _HEADER_SIZE:
-                length = F.unpack_header(buf, pos)[0]
-                self._needed = _HEADER_SIZE + length
+                self._needed = _HEADER_SIZE + (_unpack_header(buf, pos)[0] >> 8)
             else:
                 self._needed = _HEADER_SIZE
         else:
@@ -485,8 +533,9 @@ class Connection:
         end = flags & _END
         if not size and not end and not self._empty_bucket.take(now):
             raise RemoteProtocolError("too many empty DATA frames", ErrorCode.ENHANCE_YOUR_CALM)
-        stream = self._lookup(stream_id)
+        stream = self._streams.get(stream_id)
         if stream is None:
+            self._lookup(stream_id)  # raises if the id is idle
             self._credit_connection(size)  # crossed a RESET: discard, but give the window back
             return
         side = stream.recv_side
@@ -525,6 +574,8 @@ class Connection:
         try:
             head = F.decode_request_head(payload)
         except F.HeadDecodeError:
+            if not self._reset_bucket.take(now):
+                raise RemoteProtocolError("too many malformed OPENs", ErrorCode.ENHANCE_YOUR_CALM) from None
             self._control.append(F.encode_reset(stream_id, ErrorCode.PROTOCOL_ERROR))
             return
         stream = Stream(
@@ -617,7 +668,8 @@ class Connection:
         if not self._reset_bucket.take(now):
             raise RemoteProtocolError("RESET flood", ErrorCode.ENHANCE_YOUR_CALM)
         stream = self._lookup(stream_id)
-        if stream is None:
+        if stream is None or stream.state() is StreamState.CLOSED:
+            # Both END_STREAMs crossed already: the exchange is complete and its data stays deliverable.
             return
         self._drop(stream)
         events.append(StreamReset(stream_id, code, remote=True))
@@ -691,7 +743,10 @@ class Connection:
 
     def _credit_connection(self, size: int) -> None:
         self._conn_consumed += size
-        if self._conn_consumed >= self._conn_update_threshold:
+        # Batch credit to half the window, except when the window left to the peer is already below that:
+        # a stalled stream may hold most of the window, and then its siblings' small credits are all there is.
+        threshold = self._conn_update_threshold
+        if self._conn_consumed >= threshold or (self._conn_consumed and self._conn_recv_window < threshold):
             self._control.append(F.encode_window_update(0, self._conn_consumed))
             self._conn_recv_window += self._conn_consumed
             self._conn_consumed = 0
@@ -743,5 +798,15 @@ class Connection:
         self.state = ConnectionState.CLOSED
         self._send_queue.clear()
         self._streams.clear()
+        # Nothing queued before the failure may follow it out (an OPEN sent after we declared the connection
+        # dead could be processed by a peer that has not read the GOAWAY yet): the GOAWAY goes alone.
+        self._control.clear()
         message = str(exc).encode("utf-8", "replace")[:1000]
-        self._control.append(F.encode_goaway(self._highest_peer_id, exc.error_code, message))
+        self._control.append(F.encode_goaway(self._goaway_last_stream_id(), exc.error_code, message))
+
+    def _goaway_last_stream_id(self) -> int:
+        # SPEC 10: last-stream-id never increases. OPENs that arrive after our first GOAWAY are refused but
+        # still raise _highest_peer_id; none of them was processed, so every later GOAWAY repeats the first.
+        if not self._goaway_sent:
+            self._goaway_last_sent = self._highest_peer_id
+        return self._goaway_last_sent

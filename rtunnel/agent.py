@@ -93,6 +93,7 @@ class Agent:
                     log.info("connected to %s", url)
             except* (LinkDead, RemoteProtocolError, transport.TransportClosed) as group:
                 why = f"connection lost: {group.exceptions[0]}"
+                link.abort()  # a dead link would make a graceful close wait for a Close that never comes
             finally:
                 self.connections.pop(url, None)
             return why

@@ -225,7 +225,9 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         if token is None:
             log.warning("no token set: the relay must be running without authentication")
         try:
-            await agent.run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(handler.run)  # expires idle upstream connections
+                await agent.run()
         finally:
             with trio.CancelScope(shield=True):
                 await handler.aclose()

@@ -95,6 +95,7 @@ async def run_demo() -> None:
         handler = ExchangeHandler(f"http://127.0.0.1:{service_port}", allowlist)
         agent = Agent(AgentConfig(relay_urls=[agents_url], token=token), handler)
         nursery.start_soon(agent.run)
+        nursery.start_soon(handler.run)
 
         print(
             f"\nsample service : http://127.0.0.1:{service_port}  (reachable only through the tunnel below)"

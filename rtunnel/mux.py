@@ -105,6 +105,9 @@ class MuxStream:
         self._error: StreamReset | None = None
         self._readable = trio.Event()
         self._writable = trio.Event()
+        # Set once, on failure; any number of tasks may wait on it (unlike _readable/_writable, which belong
+        # to the one reader and the one writer of the stream).
+        self._failed = trio.Event()
         self.closed = False
         self._sent_end = False
         self.bytes_received = 0
@@ -181,6 +184,17 @@ class MuxStream:
     def at_eof(self) -> bool:
         return self._ended and not self._chunks
 
+    async def wait_reset(self) -> StreamReset:
+        """Wait until the stream fails (reset by either side, or lost with its connection) and return why.
+
+        Safe beside a task that reads or writes the stream: it lets a handler notice a peer's RESET while it
+        is busy elsewhere (e.g. waiting for its upstream after the request body ended), where receive_data
+        would only return b"" (END wins over a later RESET).
+        """
+        await self._failed.wait()
+        assert self._error is not None
+        return self._error
+
     def reset(self, code: ErrorCode = ErrorCode.CANCEL) -> None:
         """Abort the stream (idempotent). Later calls on it raise StreamReset."""
         if self._error is None:
@@ -236,6 +250,7 @@ class MuxStream:
             self._error = error
         self._readable.set()
         self._writable.set()
+        self._failed.set()
 
 
 class Multiplexer:

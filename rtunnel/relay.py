@@ -105,6 +105,7 @@ class Relay:
                 log.info("agent connected from %s (%d connected)", link.remote, len(self.registry.agents))
         except* (LinkDead, RemoteProtocolError, transport.TransportClosed) as group:
             reason = str(group.exceptions[0])
+            link.abort()  # a dead link would make a graceful close wait for a Close that never comes
         finally:
             self.registry.remove(mux)
         log.info("agent %s disconnected: %s (%d connected)", link.remote, reason, len(self.registry.agents))

@@ -17,7 +17,7 @@ import trio
 from protocol import ErrorCode, RequestHead
 
 from .mux import MuxStream, StreamReset
-from .proxyheaders import add_forwarding, response_headers_for_client, strip_hop_by_hop
+from .proxyheaders import add_forwarding, strip_hop_by_hop
 from .registry import AgentRegistry, NoAgentAvailable
 
 log = logging.getLogger("rtunnel.relay")
@@ -82,6 +82,8 @@ class ClientConnection:
             data = await self._stream.receive_some(READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise _ClientGone from None
+        if not data:
+            raise _ClientGone  # a client that closes before its exchange is done has abandoned it
         self._h11.receive_data(bytes(data))
 
     async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
@@ -157,8 +159,7 @@ class ClientConnection:
         outcome = _Outcome()
         wants_continue = self._h11.they_are_waiting_for_100_continue
         async with trio.open_nursery() as nursery:
-            if has_body:
-                nursery.start_soon(self._pump_request_body, stream, outcome)
+            nursery.start_soon(self._request_side, stream, outcome, has_body)
             try:
                 await self._relay_response(request, stream, outcome, wants_continue)
             except StreamReset as exc:
@@ -188,6 +189,23 @@ class ClientConnection:
             outcome.why = str(exc)
             return
         outcome.pending_error = (502, f"the agent's connection was lost: {exc}")
+
+    async def _request_side(self, stream: MuxStream, outcome: _Outcome, has_body: bool) -> None:
+        if has_body:
+            await self._pump_request_body(stream, outcome)
+        if outcome.client_gone or outcome.body_error is not None:
+            return
+        # Keep reading while the response is awaited, only to notice a client that goes away (a long poll
+        # whose client left must not keep the upstream busy). Pipelined bytes go to h11's buffer, up to a
+        # bound, and are parsed in the next cycle.
+        try:
+            while len(self._h11.trailing_data[0]) <= self._limits.max_head_size:
+                await self._receive_more()
+        except _ClientGone:
+            outcome.client_gone = True
+            stream.reset(ErrorCode.CANCEL)
+            return
+        await trio.sleep_forever()
 
     async def _pump_request_body(self, stream: MuxStream, outcome: _Outcome) -> None:
         limit = self._limits.max_body_size
@@ -245,7 +263,8 @@ class ClientConnection:
             raise StreamReset(
                 ErrorCode.PROTOCOL_ERROR, remote=True, retryable=False, reason="101 unsupported"
             )
-        headers = response_headers_for_client(list(head.headers))
+        # The agent already stripped hop-by-hop headers and added Via; strip again since the agent is not trusted.
+        headers = strip_hop_by_hop(list(head.headers))
         await self._send(h11.Response(status_code=head.status, headers=headers, reason=head.reason))
         outcome.head_sent = True
         outcome.status = head.status

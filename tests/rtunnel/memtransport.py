@@ -9,7 +9,9 @@ from rtunnel.transport import TransportClosed
 
 
 class MemoryTransport:
-    def __init__(self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes]) -> None:
+    def __init__(
+        self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
         self._send = send
         self._receive = receive
         self.messages_sent = 0

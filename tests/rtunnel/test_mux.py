@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from protocol import ErrorCode, RequestHead, ResponseHead, Role, Settings
-from rtunnel.mux import LinkDead, MuxClosed, Multiplexer, MuxStream, StreamReset
+from rtunnel.mux import LinkDead, Multiplexer, MuxClosed, MuxStream, StreamReset
 from rtunnel.transport import TransportClosed
 
 from .memtransport import memory_transport_pair
@@ -161,7 +161,7 @@ async def test_streams_fail_when_the_link_dies_and_unsent_opens_are_retryable() 
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
-        relay, agent, t_relay, t_agent = await start_pair(nursery, never_answers)
+        relay, agent, t_relay, _ = await start_pair(nursery, never_answers)
         sent = await relay.open_stream(GET, end_stream=True)
         await trio.testing.wait_all_tasks_blocked()
         t_relay.blackholed = True
