@@ -82,6 +82,7 @@ class Connection:
         self._conn_recv_window = self.local_settings.connection_window
         self._conn_consumed = 0
         self._conn_update_threshold = max(1, self.local_settings.connection_window // 2)
+        self._conn_low_water = min(self._conn_update_threshold, self.local_settings.max_frame_size)
         self._stream_update_threshold = max(1, self.local_settings.initial_stream_window // 2)
 
         # The runtime compares this with what it managed to write to learn which OPENs never left (SPEC 10).
@@ -530,6 +531,8 @@ class Connection:
         if size > self._conn_recv_window:
             raise RemoteProtocolError("DATA exceeds the connection window", ErrorCode.FLOW_CONTROL_ERROR)
         self._conn_recv_window -= size
+        if self._conn_consumed and self._conn_recv_window < self._conn_low_water:
+            self._credit_connection(0)  # consumed earlier, held back for batching; the peer needs it now
         end = flags & _END
         if not size and not end and not self._empty_bucket.take(now):
             raise RemoteProtocolError("too many empty DATA frames", ErrorCode.ENHANCE_YOUR_CALM)
@@ -743,10 +746,13 @@ class Connection:
 
     def _credit_connection(self, size: int) -> None:
         self._conn_consumed += size
-        # Batch credit to half the window, except when the window left to the peer is already below that:
-        # a stalled stream may hold most of the window, and then its siblings' small credits are all there is.
+        # Batch credit to half the window, except when the peer is nearly out of window: a stalled stream may
+        # hold most of it, and then what its siblings consumed is all the peer can ever get back. Waiting for
+        # less than one frame of window left keeps that exception batched too (no WINDOW_UPDATE per read).
         threshold = self._conn_update_threshold
-        if self._conn_consumed >= threshold or (self._conn_consumed and self._conn_recv_window < threshold):
+        if self._conn_consumed >= threshold or (
+            self._conn_consumed and self._conn_recv_window < self._conn_low_water
+        ):
             self._control.append(F.encode_window_update(0, self._conn_consumed))
             self._conn_recv_window += self._conn_consumed
             self._conn_consumed = 0

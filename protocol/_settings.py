@@ -71,8 +71,8 @@ class Limits:
     reset_rate: float = 200.0
     empty_frame_burst: int = 1000
     empty_frame_rate: float = 200.0
-    window_update_burst: int = 10_000
-    window_update_rate: float = 2000.0
+    window_update_burst: int = 40_000
+    window_update_rate: float = 20_000.0
 
 
 class TokenBucket:
