@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Final
 
 import h11
@@ -26,6 +27,7 @@ import trio
 from protocol import ErrorCode, LocalProtocolError, RequestHead, ResponseHead
 
 from .allowlist import Allowlist
+from .logs import Access, request_id_of
 from .mux import MuxStream, StreamReset
 from .proxyheaders import Header, response_headers_for_client, strip_hop_by_hop
 from .upstream import (
@@ -485,6 +487,7 @@ class ExchangeHandler:
         self.address = parse_upstream_url(upstream_url)
         self.allowlist = allowlist
         self.response_timeout = response_timeout
+        self.on_exchange: Callable[[Access], None] | None = None  # each exchange's access record (metrics)
         self.pool = UpstreamPool(
             self.address,
             connect_timeout=connect_timeout,
@@ -519,16 +522,29 @@ class ExchangeHandler:
             note = str(exchange.relay_reset)  # "stream reset (peer, CANCEL)", or the link's end
         elif not exchange.finished and not note:
             note = "cancelled"
-        access_log.info(
-            "%s %s %s in=%d out=%d %dms%s",
-            exchange.method.decode("latin-1"),
-            exchange.log_path,
-            exchange.status if exchange.status is not None else "-",
-            stream.bytes_received,
-            stream.bytes_sent,
-            round((trio.current_time() - started) * 1000),
-            f" ({note})" if note else "",
+        access = Access(
+            method=exchange.method.decode("latin-1"),
+            path=exchange.log_path,
+            status=exchange.status,
+            bytes_in=stream.bytes_received,
+            bytes_out=stream.bytes_sent,
+            duration_ms=round((trio.current_time() - started) * 1000, 3),
+            request_id=request_id_of(exchange.head.headers),  # set by the relay; sanitized: not trusted
         )
+        access_log.info(
+            "%s %s %s in=%d out=%d %dms id=%s%s",
+            access.method,
+            access.path,
+            access.status if access.status is not None else "-",
+            access.bytes_in,
+            access.bytes_out,
+            round(access.duration_ms),
+            access.request_id or "-",
+            f" ({note})" if note else "",
+            extra=access.extra(note=note or None),
+        )
+        if self.on_exchange is not None:
+            self.on_exchange(access)
 
     async def run(self) -> None:
         """Close idle upstream connections as they expire; runs until cancelled."""

@@ -1,4 +1,4 @@
-"""Command line: `rtunnel serve`, `rtunnel dial`, `rtunnel demo`.
+"""Command line: `rtunnel serve`, `rtunnel dial`, `rtunnel status`, `rtunnel demo`.
 
 Configuration errors exit with status 2 and one line on stderr; SIGINT/SIGTERM shut down cleanly with status 0.
 """
@@ -7,20 +7,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
 from . import __version__
+from .admin import DEFAULT_ADMIN, AdminServer, parse_admin_address, run_status
 from .config import (
     ConfigError,
     client_tls_context,
     load_token,
+    load_tokens,
     parse_address,
+    read_token_file,
     server_tls_context,
 )
+from .configfile import describe_error
+from .configfile import parse_args as parse_args_with_config
+from .logs import LOG_FORMATS
+from .logs import setup as setup_logging
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .relay import Relay
 
 log = logging.getLogger("rtunnel")
 
@@ -38,13 +51,21 @@ def _positive(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the contract for bad configuration), not argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rtunnel", description="Reverse HTTP tunnel over one outbound WebSocket."
-    )
+    parser = _Parser(prog="rtunnel", description="Reverse HTTP tunnel over one outbound WebSocket.")
     parser.add_argument("--version", action="version", version=f"rtunnel {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,dial,demo}")
+    parser.add_argument(
+        "--log-format", default="text", choices=LOG_FORMATS, help="text (default) or json: one object a line"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,dial,status,demo}")
 
     serve = commands.add_parser("serve", help="run the relay (where HTTP clients connect)")
     serve.add_argument(
@@ -61,7 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a request waits for an agent before 503 (default 10)",
     )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight exchanges may finish (default 30)",
+    )
     _liveness_options(serve)
+    _limit_options(serve)
+    _config_and_admin_options(serve)
 
     dial = commands.add_parser("dial", help="run the agent (beside the service)")
     dial.add_argument("relay_urls", nargs="+", metavar="RELAY_URL", help="ws://HOST:PORT or wss://HOST:PORT")
@@ -97,16 +127,144 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, how long in-flight exchanges may finish (default 30)",
     )
+    dial.add_argument(
+        "--max-streams",
+        type=_count,
+        default=256,
+        metavar="N",
+        help="exchanges the relay may run through this agent at once (its MAX_CONCURRENT_STREAMS; default 256)",
+    )
     _liveness_options(dial)
+    _config_and_admin_options(dial)
+
+    status = commands.add_parser("status", help="show the agents (or relays) of a running relay (or agent)")
+    status.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="URL",
+        help=f"the admin endpoint of `serve --admin` or `dial --admin` (default {DEFAULT_ADMIN})",
+    )
 
     commands.add_parser("demo", help="start a relay, an agent and a sample service on localhost")
     return parser
 
 
+_SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _size(text: str) -> int:
+    """A byte count, optionally with a K/M/G suffix (powers of 1024); 0 means "no limit"."""
+    number, suffix = text.strip(), ""
+    if number[-1:].lower() in ("k", "m", "g"):
+        number, suffix = number[:-1], number[-1].lower()
+    try:
+        value = int(number) * _SIZE_SUFFIXES[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 65536, 64K, 10M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _count(text: str) -> int:
+    """A non-negative integer; 0 means "no limit"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    """The relay's abuse limits (README, "Security model"). Defaults come from HttpLimits and RelayConfig."""
+    from .relay import RelayConfig
+    from .relay_http import HttpLimits
+
+    limits, relay = HttpLimits(), RelayConfig()
+    group = parser.add_argument_group("limits (0 disables a limit)")
+
+    def add(option: str, kind: Callable[[str], Any], default: Any, unit: str, what: str) -> None:
+        shown = "none" if default is None else f"{default:g}" if isinstance(default, float) else default
+        group.add_argument(
+            option, type=kind, default=default or 0, metavar=unit, help=f"{what} (default {shown})"
+        )
+
+    add("--max-head-size", _size, limits.max_head_size, "BYTES", "request line + headers, else 431")
+    add("--max-headers", _count, limits.max_header_count, "N", "header fields per request, else 431")
+    add("--max-body-size", _size, limits.max_body_size, "BYTES", "request body, else 413")
+    add("--head-timeout", float, limits.head_timeout, "SECONDS", "to receive a request head, else 408")
+    add("--idle-timeout", float, limits.idle_timeout, "SECONDS", "keep-alive connection without a request")
+    add("--max-connections", _count, limits.max_connections, "N", "client connections in total, else 503")
+    add(
+        "--max-connections-per-ip",
+        _count,
+        limits.max_connections_per_ip,
+        "N",
+        "client connections from one address, else 503",
+    )
+    add(
+        "--max-exchanges-per-ip",
+        _count,
+        limits.max_exchanges_per_ip,
+        "N",
+        "requests in progress from one address, else 429",
+    )
+    add(
+        "--max-buffered",
+        _size,
+        limits.max_buffered_bytes,
+        "BYTES",
+        "stream data buffered across all agents; beyond it new requests get 503",
+    )
+    add(
+        "--stall-timeout",
+        float,
+        relay.stall_timeout,
+        "SECONDS",
+        "reset a stream whose agent grants no flow-control window this long",
+    )
+    add("--auth-fail-limit", _count, relay.auth_fail_limit, "N", "failed agent logins per address, then 429")
+    add("--auth-fail-window", float, relay.auth_fail_window, "SECONDS", "window of --auth-fail-limit")
+
+
 def _token_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("authentication")
     group.add_argument("--token", help="shared secret (or set RTUNNEL_TOKEN)")
-    group.add_argument("--token-file", metavar="FILE", help="read the token from FILE")
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="read the token from FILE (serve: several, one per line, '#' comments; re-read on SIGHUP)",
+    )
+
+
+def _config_and_admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file setting any of these options (flags given here win)"
+    )
+    parser.add_argument(
+        "--admin",
+        metavar="[HOST:]PORT",
+        help="serve /healthz /readyz /metrics /status.json here (host default 127.0.0.1; off by default)",
+    )
+
+
+def _admin_server(args: argparse.Namespace, metrics: Metrics) -> AdminServer | None:
+    if args.admin is None:
+        return None
+    host, port = parse_admin_address(args.admin)
+    return AdminServer(metrics, host, port)
+
+
+async def _run_with_admin(admin: AdminServer | None, run: Callable[[], Awaitable[None]]) -> None:
+    if admin is None:
+        await run()
+        return
+    async with trio.open_nursery() as nursery:
+        await nursery.start(admin.run)
+        await run()
+        nursery.cancel_scope.cancel()
 
 
 def _liveness_options(parser: argparse.ArgumentParser) -> None:
@@ -122,12 +280,15 @@ def _liveness_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        args = parse_args_with_config(parser, argv)
+    except ConfigError as exc:
+        command = getattr(exc, "command", None)
+        print(f"rtunnel{' ' + command if command else ''}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(args.log_level, args.log_format)
+    if args.command == "status":
+        return run_status(args.admin)
     try:
         if args.command == "serve":
             runner = _serve_runner(args)
@@ -138,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             runner = run_demo
     except ConfigError as exc:
-        print(f"rtunnel {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rtunnel {args.command}: error: {describe_error(str(exc), args)}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         return trio.run(_until_signal, runner)
@@ -148,32 +309,79 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     from .relay import Relay, RelayConfig
+    from .relay_http import HttpLimits
 
     http_host, http_port = parse_address(args.http, "--http")
     agents_host, agents_port = parse_address(args.agents, "--agents")
-    token = load_token(args.token, args.token_file)
+    groups = load_tokens(args.token, args.token_file)
     if args.agent_wait < 0:
         raise ConfigError("--agent-wait must not be negative")
+    for option in ("head_timeout", "idle_timeout", "stall_timeout", "auth_fail_window"):
+        if getattr(args, option) < 0:
+            raise ConfigError(f"--{option.replace('_', '-')} must not be negative")
+    if args.grace < 0:
+        raise ConfigError("--grace must not be negative")
     config = RelayConfig(
         http_host=http_host,
         http_port=http_port,
         agents_host=agents_host,
         agents_port=agents_port,
-        tokens=(token.encode(),) if token else (),
+        token_groups=tuple(groups),
         ssl_context=server_tls_context(args.tls_cert, args.tls_key),
         agent_wait=args.agent_wait,
         ping_interval=args.ping_interval,
         dead_timeout=args.dead_timeout,
+        http_limits=HttpLimits(
+            max_head_size=args.max_head_size or 1 << 30,
+            max_header_count=args.max_headers or 1 << 30,
+            head_timeout=args.head_timeout or math.inf,
+            idle_timeout=args.idle_timeout or math.inf,
+            max_body_size=args.max_body_size or None,
+            max_connections=args.max_connections or None,
+            max_connections_per_ip=args.max_connections_per_ip or None,
+            max_exchanges_per_ip=args.max_exchanges_per_ip or None,
+            max_buffered_bytes=args.max_buffered or None,
+        ),
+        stall_timeout=args.stall_timeout or None,
+        auth_fail_limit=args.auth_fail_limit,
+        auth_fail_window=args.auth_fail_window,
     )
     relay = Relay(config)
+    token_file = args.token_file
+    admin = _admin_server(args, relay.metrics)
+    grace = args.grace
 
     async def run() -> None:
-        await relay.run()
+        async with trio.open_nursery() as nursery:
+            if token_file is not None:
+                nursery.start_soon(_reload_tokens_on_sighup, relay, token_file)
+            await _run_with_admin(admin, relay.run)
+            nursery.cancel_scope.cancel()
 
+    async def drain() -> None:
+        # SIGTERM: stop accepting, let the exchanges in progress finish within the grace period.
+        relay.metrics.draining = True  # /readyz turns 503 so load balancers stop sending
+        await relay.drain(grace)
+
+    run.drain = drain  # type: ignore[attr-defined]
     return run
 
 
+async def _reload_tokens_on_sighup(relay: Relay, token_file: str) -> None:
+    """SIGHUP: read --token-file again; revoked tokens' agents are disconnected. A bad file changes nothing."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                groups = read_token_file(token_file)
+            except ConfigError as exc:
+                log.error("SIGHUP: keeping the current tokens: %s", exc)
+                continue
+            relay.reload_tokens(tuple(groups))
+
+
 def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
+    from protocol import Settings
+
     from .agent import Agent, AgentConfig
     from .agent_http import ExchangeHandler
     from .allowlist import Allowlist, AllowRuleError
@@ -211,8 +419,11 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         ping_interval=args.ping_interval,
         dead_timeout=args.dead_timeout,
         connect_timeout=args.connect_timeout,
+        settings=Settings(max_concurrent_streams=args.max_streams),
     )
     agent = Agent(config, handler)
+    handler.on_exchange = agent.metrics.record_exchange
+    admin = _admin_server(args, agent.metrics)
     grace = args.grace
 
     async def run() -> None:
@@ -227,16 +438,15 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(handler.run)  # expires idle upstream connections
-                await agent.run()
+                await _run_with_admin(admin, agent.run)
         finally:
             with trio.CancelScope(shield=True):
                 await handler.aclose()
 
     async def drain() -> None:
         # SIGTERM: stop taking new exchanges (GOAWAY), let the running ones finish within the grace period.
-        agent.goaway_all()
-        with trio.move_on_after(grace):
-            await agent.wait_idle()
+        agent.metrics.draining = True
+        await agent.drain(grace)
 
     run.drain = drain  # type: ignore[attr-defined]
     return run
@@ -257,7 +467,17 @@ async def _until_signal(runner: Callable[[], Awaitable[None]]) -> int:
                     log.info("received %s, shutting down", signal.Signals(signum).name)
                     drain = getattr(runner, "drain", None)
                     if drain is not None:
-                        await drain()
+                        async with trio.open_nursery() as draining:
+
+                            async def stop_on_second_signal() -> None:
+                                # An impatient operator (a second Ctrl-C / SIGTERM) skips the grace period.
+                                async for again in signals:
+                                    log.warning("received %s again, stopping now", signal.Signals(again).name)
+                                    draining.cancel_scope.cancel()
+
+                            draining.start_soon(stop_on_second_signal)
+                            await drain()
+                            draining.cancel_scope.cancel()
                     nursery.cancel_scope.cancel()
                     break
         except* OSError as group:

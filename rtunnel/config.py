@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl
 from pathlib import Path
@@ -27,24 +28,90 @@ def parse_address(text: str, option: str) -> tuple[str, int]:
     return host, port
 
 
-def load_token(token: str | None, token_file: str | None) -> str | None:
-    """The token from --token, else --token-file, else $RTUNNEL_TOKEN; None when none is set."""
+@dataclasses.dataclass(frozen=True)
+class TokenGroup:
+    """One token the relay accepts, and a label for logs. The token itself is never printed (repr=False)."""
+
+    label: str
+    token: bytes = dataclasses.field(repr=False)
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def read_token_file(path: str) -> list[TokenGroup]:
+    """Tokens from a file, one per line; blank lines and lines starting with '#' are ignored.
+
+    A comment after a token on its line (``TOKEN  # ci runners``) becomes its label in logs; without one the
+    label is the line number. Messages never quote a token.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--token-file: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--token-file: {path} is not UTF-8 text") from None
+    groups: list[TokenGroup] = []
+    seen: set[bytes] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        token, *more = line.split(None, 1)
+        rest = more[0] if more else ""
+        if rest and not rest.startswith("#"):
+            raise ConfigError(f"--token-file: {path} line {number}: a token must not contain white space")
+        _check_token(token, f"--token-file: {path} line {number}")
+        label = rest.lstrip("#").strip() or f"line {number}"
+        if token.encode() not in seen:
+            seen.add(token.encode())
+            groups.append(TokenGroup(f"token {label!r}", token.encode()))
+    if not groups:
+        raise ConfigError(f"--token-file: {path} contains no token")
+    return groups
+
+
+def _check_token(token: str, where: str) -> None:
+    if any(ch.isspace() for ch in token):
+        raise ConfigError(f"{where}: the token must not contain white space")
+    if not (token.isascii() and token.isprintable()):
+        raise ConfigError(f"{where}: the token must be printable ASCII")
+
+
+def load_tokens(token: str | None, token_file: str | None) -> list[TokenGroup]:
+    """The relay's tokens: --token, else every token of --token-file, else $RTUNNEL_TOKEN; [] when none."""
     if token is not None and token_file is not None:
         raise ConfigError("give either --token or --token-file, not both")
     if token_file is not None:
-        try:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"--token-file: cannot read {token_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"--token-file: {token_file} is not UTF-8 text") from None
-        if not token:
-            raise ConfigError(f"--token-file: {token_file} is empty")
+        return read_token_file(token_file)
     if token is None:
         token = os.environ.get("RTUNNEL_TOKEN") or None
-    if token is not None and any(ch.isspace() for ch in token):
-        raise ConfigError("the token must not contain white space")
+    if token is None:
+        return []
+    _check_token(token, "token")
+    return [TokenGroup("the token", token.encode())]
+
+
+def load_token(token: str | None, token_file: str | None) -> str | None:
+    """The agent's token from --token, else --token-file (exactly one token), else $RTUNNEL_TOKEN; None when
+    none is set."""
+    if token is not None and token_file is not None:
+        raise ConfigError("give either --token or --token-file, not both")
+    if token_file is not None:
+        groups = read_token_file(token_file)
+        if len(groups) != 1:
+            raise ConfigError(
+                f"--token-file: {token_file} must hold exactly one token here, not {len(groups)}"
+            )
+        return groups[0].token.decode()
+    if token is None:
+        token = os.environ.get("RTUNNEL_TOKEN") or None
+    if token is not None:
+        _check_token(token, "token")
     return token
+
+
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
 def server_tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
@@ -53,7 +120,11 @@ def server_tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | No
     if cert is None or key is None:
         raise ConfigError("--tls-cert and --tls-key go together")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # Modern defaults: TLS 1.2 or later; for TLS 1.2, only forward-secret AEAD suites (TLS 1.3's suites are
+    # all of that kind and are not affected by set_ciphers); no compression (CRIME), no renegotiation.
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:

@@ -8,6 +8,8 @@ Three tasks per connection, all in a nursery `Multiplexer.run` owns:
   far more than a frame);
 - the heartbeat pings an idle link and declares the peer dead when nothing at all has arrived for
   `dead_timeout`, or when one send has been stuck that long. It never waits behind data: it only reads clocks.
+  It also reaps stalled streams: one with data queued whose peer granted no window for `stall_timeout` is
+  reset with CANCEL, so a peer that never reads (or lies about its windows) cannot pin a stream forever.
 Streams the peer opens are handed to `handler`, each in its own task in the same nursery.
 """
 
@@ -42,6 +44,7 @@ from protocol import (
     StreamOpened,
     StreamState,
     TrailersReceived,
+    WindowUpdated,
 )
 from protocol import (
     StreamReset as StreamResetEvent,
@@ -110,6 +113,7 @@ class MuxStream:
         self._failed = trio.Event()
         self.closed = False
         self._sent_end = False
+        self._stalled_since: float | None = None  # since when data waits for a window the peer won't open
         self.bytes_received = 0
         self.bytes_sent = 0
 
@@ -123,10 +127,14 @@ class MuxStream:
 
     async def send_data(self, data: bytes | bytearray | memoryview, *, end_stream: bool = False) -> None:
         conn = self._mux._conn
+        stalled = False
         while True:
             self._check_alive()
             if conn.outbound_buffered(self.stream_id) < SEND_HIGH_WATER:
                 break
+            if not stalled:  # counted once per call, however many wake-ups it takes
+                stalled = True
+                self._mux.send_stalls += 1
             self._writable = trio.Event()
             self._mux._blocked_writers.add(self)
             await self._writable.wait()
@@ -267,6 +275,7 @@ class Multiplexer:
         ping_interval: float = 5.0,
         dead_timeout: float = 20.0,
         handshake_timeout: float = 10.0,
+        stall_timeout: float | None = 60.0,
         name: str = "",
     ) -> None:
         self._transport = transport
@@ -284,12 +293,14 @@ class Multiplexer:
         self.ping_interval = ping_interval
         self.dead_timeout = dead_timeout
         self.handshake_timeout = handshake_timeout
+        self.stall_timeout = stall_timeout  # None: never reap stalled streams
         self.name = name
         self._last_received = trio.current_time()
         self._send_started: float | None = None
         self._ping_ids = itertools.count(1)
         self._pings_sent: dict[bytes, float] = {}
         self.rtt: float | None = None
+        self.send_stalls = 0  # send_data calls that had to wait for flow-control room (metrics)
         self._confirmed_open_id = 0
         self.goaway_received = False
         self.on_goaway: Callable[[], None] | None = None
@@ -303,6 +314,13 @@ class Multiplexer:
     def in_flight(self) -> int:
         """Exchanges not yet finished on this connection (for least-loaded routing)."""
         return len(self._streams)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Stream data held in memory for this connection: received and not yet consumed, plus handed to
+        send_data and not yet framed (the relay's memory budget sums this over its agents)."""
+        conn = self._conn
+        return sum(s._buffered + conn.outbound_buffered(s.stream_id) for s in self._streams.values())
 
     @property
     def accepting_streams(self) -> bool:
@@ -322,8 +340,7 @@ class Multiplexer:
                 raise MuxClosed(self.close_reason or "connection is draining")
             if self._conn.can_open_stream:
                 break
-            self._stream_slot = trio.Event()
-            await self._stream_slot.wait()
+            await self._wait_stream_slot()
         try:
             stream_id = self._conn.open_stream(head, end_stream=end_stream)
         except LocalProtocolError as exc:
@@ -343,8 +360,14 @@ class Multiplexer:
     async def wait_idle(self) -> None:
         """Wait until no stream is left (used by graceful drain, under the caller's timeout)."""
         while self._streams and not self._closed:
+            await self._wait_stream_slot()
+
+    async def _wait_stream_slot(self) -> None:
+        # Every waiter shares the current event: replacing one that is not set yet would orphan the tasks
+        # already waiting on it (with 300 requests queued on 256 slots, all but the last one stalled).
+        if self._stream_slot.is_set():
             self._stream_slot = trio.Event()
-            await self._stream_slot.wait()
+        await self._stream_slot.wait()
 
     def abort(self, reason: str) -> None:
         """End the connection now (every stream fails)."""
@@ -462,7 +485,14 @@ class Multiplexer:
             self._stream_slot.set()
         elif isinstance(event, HandshakeComplete):
             self._ready.set()
-        # WindowUpdated and PingReceived need nothing beyond waking the writer, done by the reader.
+        elif isinstance(event, WindowUpdated):
+            # Any credit is progress: restart the stall clock of the stream(s) it can unblock.
+            if event.stream_id == 0:
+                for stream in streams.values():
+                    stream._stalled_since = None
+            elif (stream := streams.get(event.stream_id)) is not None:
+                stream._stalled_since = None
+        # PingReceived needs nothing beyond waking the writer, done by the reader.
 
     def _on_stream_opened(self, event: StreamOpened) -> None:
         stream = MuxStream(self, event.stream_id, event.head)
@@ -506,6 +536,8 @@ class Multiplexer:
 
     async def _heartbeat(self) -> None:
         interval = min(self.ping_interval, self.dead_timeout / 4)
+        if self.stall_timeout is not None:
+            interval = min(interval, self.stall_timeout / 4)
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
@@ -524,6 +556,27 @@ class Multiplexer:
                 self._pings_sent[opaque] = now
                 self._conn.ping(opaque)
                 self._wake_writer()
+            if self.stall_timeout is not None:
+                self._reap_stalled(now, self.stall_timeout)
+
+    def _reap_stalled(self, now: float, timeout: float) -> None:
+        """Reset streams whose queued data found no window since `timeout` (checked at heartbeat pace)."""
+        conn = self._conn
+        for stream in list(self._streams.values()):
+            stream_id = stream.stream_id
+            waiting = stream._error is None and conn.outbound_buffered(stream_id) > 0
+            if not waiting or conn.send_window(stream_id):
+                stream._stalled_since = None
+            elif stream._stalled_since is None:
+                stream._stalled_since = now
+            elif now - stream._stalled_since >= timeout:
+                log.warning(
+                    "%s: stream %d reset: the peer granted no window for %.0f s",
+                    self.name or "connection",
+                    stream_id,
+                    now - stream._stalled_since,
+                )
+                stream.reset(ErrorCode.CANCEL)
 
     # -- helpers -----------------------------------------------------------------------------------
 

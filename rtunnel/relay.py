@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import logging
@@ -13,6 +14,9 @@ import trio
 from protocol import RemoteProtocolError, Role, Settings
 
 from . import transport
+from .config import TokenGroup
+from .limits import AuthThrottle, Counter
+from .metrics import Metrics
 from .mux import LinkDead, Multiplexer
 from .registry import AgentRegistry
 from .relay_http import ClientConnection, HttpLimits
@@ -27,6 +31,13 @@ class RelayConfig:
     agents_host: str = "127.0.0.1"
     agents_port: int = 8443
     tokens: tuple[bytes, ...] = ()
+    # Several tokens, one per agent group (--token-file); `tokens` is shorthand for groups without labels.
+    token_groups: tuple[TokenGroup, ...] = ()
+    # Failed agent authentications from one address within the window, beyond which it gets 429 (0: off).
+    auth_fail_limit: int = 5
+    auth_fail_window: float = 60.0
+    # A stream whose agent grants no window for this long is reset (None: never).
+    stall_timeout: float | None = 60.0
     ssl_context: ssl.SSLContext | None = None
     agent_wait: float = 10.0
     http_limits: HttpLimits = dataclasses.field(default_factory=HttpLimits)
@@ -36,19 +47,22 @@ class RelayConfig:
     settings: Settings = dataclasses.field(default_factory=lambda: Settings(max_concurrent_streams=0))
 
 
-def make_authenticator(tokens: tuple[bytes, ...]) -> partial[bool]:
-    return partial(_authenticate, tokens)
+_NO_AUTH = TokenGroup("no authentication", b"")
 
 
-def _authenticate(tokens: tuple[bytes, ...], presented: bytes | None) -> bool:
-    if not tokens:
-        return True
+def authenticate(groups: tuple[TokenGroup, ...], presented: bytes | None) -> TokenGroup | None:
+    """The group whose token was presented, or None. Without any token configured, every agent is accepted.
+
+    Every token is compared, in constant time, without stopping at a match, so timing reveals neither
+    whether nor which token matched."""
+    if not groups:
+        return _NO_AUTH
     if presented is None:
-        return False
-    # Compare against every token without stopping early, so timing does not reveal which one matched.
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(presented, token)
+        return None
+    matched: TokenGroup | None = None
+    for group in groups:
+        if hmac.compare_digest(presented, group.token) and matched is None:
+            matched = group
     return matched
 
 
@@ -56,8 +70,41 @@ class Relay:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.registry = AgentRegistry(config.agent_wait)
+        self.metrics = Metrics("relay")
         self.http_address: tuple[str, int] | None = None
         self.agents_address: tuple[str, int] | None = None
+        self._draining = False
+        self._http_accepting = trio.CancelScope()
+        self._http_closed = trio.Event()
+        # Client connections and the scope each runs in (drain() cancels the idle ones).
+        self._clients: dict[ClientConnection, trio.CancelScope] = {}
+        self._clients_changed = trio.Event()
+        self.token_groups = config.token_groups or tuple(
+            TokenGroup("the token" if len(config.tokens) == 1 else f"token {i}", t)
+            for i, t in enumerate(config.tokens, 1)
+        )
+        # Each connected agent's token group, and the scope its connection runs in (revocation cancels it).
+        self._agent_groups: dict[Multiplexer, tuple[TokenGroup, trio.CancelScope]] = {}
+        self._auth_throttle = AuthThrottle(config.auth_fail_limit, config.auth_fail_window)
+        limits = config.http_limits
+        self._connections = Counter(total=limits.max_connections, per_key=limits.max_connections_per_ip)
+        self._exchanges = Counter(per_key=limits.max_exchanges_per_ip)
+        self._refusals_logged: set[str] = set()
+
+    def reload_tokens(self, groups: tuple[TokenGroup, ...]) -> None:
+        """Replace the accepted tokens (SIGHUP). Agents connected with a token no longer listed are
+        disconnected at once; their new attempts get 401."""
+        if not groups and self.token_groups:
+            log.error("token reload: the new token list is empty; keeping the current tokens")
+            return
+        kept = {group.token for group in groups}
+        revoked = [(mux, *entry) for mux, entry in self._agent_groups.items() if entry[0].token not in kept]
+        self.token_groups = groups
+        log.info("tokens reloaded: %d accepted, %d connected agents revoked", len(groups), len(revoked))
+        for mux, group, scope in revoked:
+            log.warning("%s: %s was revoked: disconnecting it", mux.name, group)
+            mux.abort(f"{group} was revoked")
+            scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -68,13 +115,13 @@ class Relay:
                     self._on_agent,
                     config.agents_host,
                     config.agents_port,
-                    authenticate=make_authenticator(config.tokens),
+                    authenticate=lambda presented: authenticate(self.token_groups, presented),
                     ssl_context=config.ssl_context,
+                    auth_throttle=self._auth_throttle,
                 )
             )
-            listeners = await nursery.start(
-                partial(trio.serve_tcp, self._on_client, config.http_port, host=config.http_host)
-            )
+            # Client handlers run in the outer nursery, so drain() can close the listener alone.
+            listeners = await nursery.start(self._serve_http, nursery)
             sockname = listeners[0].socket.getsockname()
             self.http_address = (sockname[0], sockname[1])
             scheme = "wss" if config.ssl_context else "ws"
@@ -83,32 +130,114 @@ class Relay:
                 *self.http_address,
                 *self.agents_address,
                 scheme,
-                "" if config.tokens else " WITHOUT agent authentication (no token set)",
+                "" if self.token_groups else " WITHOUT agent authentication (no token set)",
             )
             task_status.started()
 
+    async def _serve_http(
+        self, handler_nursery: trio.Nursery, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
+    ) -> None:
+        config = self.config
+        try:
+            with self._http_accepting:
+                await trio.serve_tcp(
+                    self._on_client,
+                    config.http_port,
+                    host=config.http_host,
+                    handler_nursery=handler_nursery,
+                    task_status=task_status,
+                )
+        finally:
+            self._http_closed.set()  # the listening sockets are closed by now
+
+    async def drain(self, grace: float) -> None:
+        """Graceful stop (SIGTERM): close the HTTP listener, turn new agents away, let the exchanges in
+        progress finish within `grace` seconds. Idle keep-alive connections are closed at once; busy ones
+        after their current exchange. The caller then cancels whatever is left."""
+        self._draining = True
+        self._http_accepting.cancel()
+        if self.http_address is not None:  # the listener was up: wait until its sockets are closed
+            await self._http_closed.wait()
+        busy = 0
+        for connection, scope in self._clients.items():
+            connection.draining = True
+            if connection.busy:
+                busy += 1
+            else:
+                scope.cancel()
+        log.info("draining: %d exchanges in progress, grace period %g s", busy, grace)
+        with trio.move_on_after(grace):
+            while any(connection.busy for connection in self._clients):
+                await self._clients_changed.wait()
+        left = sum(1 for connection in self._clients if connection.busy)
+        if left:
+            log.warning("grace period over: cutting %d exchanges still in progress", left)
+        else:
+            log.info("drained: no exchange left")
+
+    def _notify_clients(self) -> None:
+        self._clients_changed.set()
+        self._clients_changed = trio.Event()
+
     async def _on_agent(self, link: transport.Transport) -> None:
+        if self._draining:
+            log.info("agent %s turned away: the relay is shutting down", link.remote)
+            return  # the transport is closed gracefully on return; the agent retries elsewhere or later
         mux = Multiplexer(
             link,
             Role.ACCEPTOR,
             settings=self.config.settings,
             ping_interval=self.config.ping_interval,
             dead_timeout=self.config.dead_timeout,
+            stall_timeout=self.config.stall_timeout,
             name=f"agent {link.remote}",
         )
-        mux.on_goaway = self.registry.notify
-        reason = "closed"
+        group = link.principal if isinstance(link.principal, TokenGroup) else _NO_AUTH
+        goaway = trio.Event()
+
+        def on_goaway() -> None:
+            goaway.set()
+            self.registry.notify()  # waiting requests look for another agent
+
+        mux.on_goaway = on_goaway
+        reason = ""
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(mux.run)
-                self.registry.add(mux)
-                log.info("agent connected from %s (%d connected)", link.remote, len(self.registry.agents))
-        except* (LinkDead, RemoteProtocolError, transport.TransportClosed) as group:
-            reason = str(group.exceptions[0])
+                self._agent_groups[mux] = (group, nursery.cancel_scope)
+                if group is not _NO_AUTH and group.token not in {g.token for g in self.token_groups}:
+                    # A SIGHUP revoked it while its handshake was in progress.
+                    mux.abort(f"{group} was revoked")
+                    nursery.cancel_scope.cancel()
+                else:
+                    self.registry.add(mux)
+                    self.metrics.link_up(mux, link.remote)
+                    log.info("agent connected from %s (%d connected)", link.remote, len(self.registry.agents))
+                    nursery.start_soon(self._close_when_drained, mux, goaway)
+        except* (LinkDead, RemoteProtocolError, transport.TransportClosed) as errors:
+            error = errors.exceptions[0]
+            reason = str(error)
+            if isinstance(error, RemoteProtocolError):
+                # What we told the agent, so an operator can match it with the agent's own log.
+                reason += f" (sent GOAWAY {error.error_code.name})"
             link.abort()  # a dead link would make a graceful close wait for a Close that never comes
         finally:
+            self._agent_groups.pop(mux, None)
             self.registry.remove(mux)
+            self.metrics.link_down(mux)
+        reason = reason or mux.close_reason
         log.info("agent %s disconnected: %s (%d connected)", link.remote, reason, len(self.registry.agents))
+
+    @staticmethod
+    async def _close_when_drained(mux: Multiplexer, goaway: trio.Event) -> None:
+        """An agent that sent GOAWAY is draining: once its last exchange is done, close the connection.
+
+        Closing from this side proves to the agent that we read its GOAWAY (frames arrive in order), so any
+        request we had sent it meanwhile was refused and retried elsewhere: the agent can then exit safely.
+        """
+        await goaway.wait()
+        await mux.wait_idle()
+        mux.abort("the agent is draining and has no exchange left")
 
     async def _on_client(self, stream: trio.SocketStream) -> None:
         try:
@@ -116,9 +245,56 @@ class Relay:
             client_ip = str(peer[0])
         except OSError:
             return
-        connection = ClientConnection(stream, self.registry, self.config.http_limits, client_ip=client_ip)
+        refused = self._connections.acquire(client_ip)
+        if refused is not None:
+            if refused not in self._refusals_logged:
+                self._refusals_logged.add(refused)  # once per kind: a flood must not flood the log too
+                log.warning(
+                    "connection limit (%s) reached: refusing connections with 503, e.g. %s",
+                    refused,
+                    client_ip,
+                )
+            await _refuse_connection(stream)
+            return
         try:
-            await connection.serve()
-        except Exception:
-            # One client's bug must never take the listener (and every other client) down.
-            log.exception("client %s: unexpected error", client_ip)
+            await self._serve_client(stream, client_ip)
+        finally:
+            self._connections.release(client_ip)
+
+    async def _serve_client(self, stream: trio.SocketStream, client_ip: str) -> None:
+        connection = ClientConnection(
+            stream,
+            self.registry,
+            self.config.http_limits,
+            client_ip=client_ip,
+            on_exchange=self.metrics.record_exchange,
+            exchanges=self._exchanges,
+        )
+        with trio.CancelScope() as scope:
+            if self._draining:
+                return  # accepted just before the listener closed
+            self._clients[connection] = scope
+            try:
+                await connection.serve()
+            except Exception:
+                # One client's bug must never take the listener (and every other client) down.
+                log.exception("client %s: unexpected error", client_ip)
+            finally:
+                del self._clients[connection]
+                self._notify_clients()
+
+
+_OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 29\r\n"
+    b"Retry-After: 5\r\nConnection: close\r\n\r\ntoo many connections, retry\r\n"
+)
+
+
+async def _refuse_connection(stream: trio.SocketStream) -> None:
+    """Over the connection limit: a canned 503 and close, without reading anything. The write is bounded so
+    a client that never reads cannot hold the connection open."""
+    with (
+        trio.move_on_after(1),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+    ):
+        await stream.send_all(_OVERLOADED)

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import h11
 import trio
 
 from protocol import ErrorCode, RequestHead
 
-from .mux import MuxStream, StreamReset
+from .httpstrict import check_raw_head
+from .limits import Counter
+from .logs import Access, pick_request_id, with_request_id
+from .mux import Multiplexer, MuxStream, StreamReset
 from .proxyheaders import add_forwarding, strip_hop_by_hop
 from .registry import AgentRegistry, NoAgentAvailable
 
@@ -25,15 +29,41 @@ access_log = logging.getLogger("rtunnel.relay.access")
 
 READ_SIZE = 65536
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# SPEC 10 says which requests may be sent again at all. One is sent at most MAX_ATTEMPTS times in all, and one
+# that may have reached the upstream (idempotent, link lost) at most twice: a request that kills its agent
+# must not go on to kill every other agent.
+MAX_ATTEMPTS = 5
+MAX_POSSIBLY_PROCESSED = 2
+# Request bodies up to this size are held until the exchange ends, so that a refused request can be resent.
+REPLAY_LIMIT = 64 * 1024
+
+
+# The client's bytes are handed to h11 in slices of at most this size while a head or a chunk-size line is
+# being read, so that h11's incomplete-event limit (and ours on chunk lines) trips within one slice of the
+# limit instead of after a whole 64 KiB read.
+FEED_SIZE = 4096
+# A chunk-size line (size + chunk extensions) or trailer section longer than this is refused with 400
+# (RFC 9112 7.1.1: a server ought to limit chunk extensions). Extensions are never forwarded anyway.
+MAX_CHUNK_LINE = 8192
 
 
 @dataclasses.dataclass(frozen=True)
 class HttpLimits:
-    max_head_size: int = 32 * 1024
-    max_header_count: int = 200
-    head_timeout: float = 30.0  # time to receive a whole request head (slowloris)
-    idle_timeout: float = 75.0  # keep-alive connection with no request in progress
-    max_body_size: int | None = None  # None: unlimited (streamed, so no memory cost)
+    """The relay's limits on its HTTP side (README, "Security model", lists them with their defaults).
+
+    None disables a limit."""
+
+    max_head_size: int = 32 * 1024  # request line + headers (431)
+    max_header_count: int = 200  # (431)
+    head_timeout: float = 30.0  # time to receive a whole request head once it started (slowloris, 408)
+    idle_timeout: float = 75.0  # keep-alive connection with no request in progress (closed quietly)
+    max_body_size: int | None = None  # None: unlimited (streamed, so no memory cost) (413)
+    max_connections: int | None = 1024  # client connections on the HTTP listener, in total (503)
+    max_connections_per_ip: int | None = 128  # ... from one client address (503)
+    max_exchanges_per_ip: int | None = 64  # exchanges in progress from one client address (429)
+    # Stream data buffered in the relay (received from agents and not yet written to clients, plus request
+    # bodies queued toward agents), across all agents; above it new exchanges get 503 until it drains.
+    max_buffered_bytes: int | None = 256 * 1024 * 1024
 
 
 class _ClientGone(Exception):
@@ -55,13 +85,24 @@ class ClientConnection:
         *,
         client_ip: str,
         scheme: str = "http",
+        exchanges: Counter | None = None,
+        on_exchange: Callable[[Access], None] | None = None,
     ) -> None:
         self._stream = stream
+        self._on_exchange = on_exchange  # called with each exchange's access record (metrics)
+        self._request_id: str | None = None  # X-Request-Id of the exchange in progress
         self._registry = registry
         self._limits = limits
         self._client_ip = client_ip
         self._scheme = scheme
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_size)
+        # Exchanges in progress per client address, shared by all connections of one relay.
+        self._exchanges = exchanges or Counter(per_key=limits.max_exchanges_per_ip)
+        self._unfed = memoryview(b"")  # read from the client, not yet given to h11 (see FEED_SIZE)
+        self._chunked = False  # the current request's body is chunked
+        self._holds_slot = False  # this connection's exchange counts in self._exchanges
+        self.busy = False  # an exchange is in progress (the relay's drain waits for those)
+        self.draining = False  # set by the relay's drain: close once the current exchange is done
 
     async def serve(self) -> None:
         try:
@@ -69,8 +110,13 @@ class ClientConnection:
                 request = await self._next_request()
                 if request is None:
                     return
-                keep_going = await self._exchange(request)
-                if not keep_going or not self._start_next_cycle():
+                self.busy = True
+                try:
+                    keep_going = await self._exchange(request)
+                finally:
+                    self.busy = False
+                    self._release_exchange_slot()
+                if not keep_going or self.draining or not self._start_next_cycle():
                     return
         except (_ClientGone, _Abort):
             return
@@ -78,38 +124,59 @@ class ClientConnection:
     # -- reading -----------------------------------------------------------------------------------
 
     async def _receive_more(self) -> None:
-        try:
-            data = await self._stream.receive_some(READ_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise _ClientGone from None
-        if not data:
-            raise _ClientGone  # a client that closes before its exchange is done has abandoned it
-        self._h11.receive_data(bytes(data))
+        if not self._unfed:
+            try:
+                data = await self._stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise _ClientGone from None
+            if not data:
+                raise _ClientGone  # a client that closes before its exchange is done has abandoned it
+            self._unfed = memoryview(data)
+        state = self._h11.their_state
+        careful = state is h11.IDLE or (state is h11.SEND_BODY and self._chunked)
+        size = FEED_SIZE if careful else len(self._unfed)
+        self._h11.receive_data(bytes(self._unfed[:size]))
+        self._unfed = self._unfed[size:]
 
     async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
             event = self._h11.next_event()
             if event is h11.NEED_DATA:
+                if (
+                    self._chunked
+                    and self._h11.their_state is h11.SEND_BODY
+                    and len(self._h11.trailing_data[0]) > MAX_CHUNK_LINE
+                ):
+                    # Waiting in a chunked body with this much unparsed means one endless chunk-size line
+                    # (extensions) or trailer section: data chunks are taken out as they arrive.
+                    raise h11.RemoteProtocolError("chunk-size line or trailers too long", 400)
                 await self._receive_more()
                 continue
             return event  # type: ignore[return-value]
 
+    def _has_pending_input(self) -> bool:
+        return bool(self._unfed) or bool(self._h11.trailing_data[0])
+
     async def _next_request(self) -> h11.Request | None:
-        first = self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]
-        timeout = self._limits.idle_timeout if first else self._limits.head_timeout
+        self._chunked = False
+        self._request_id = None  # errors before the next exchange starts carry no id
+        if self._h11.their_state is h11.IDLE and not self._has_pending_input():
+            # A keep-alive connection between requests: idle time is allowed, up to idle_timeout. The head
+            # clock (head_timeout) starts with the first byte of the next request.
+            with trio.move_on_after(self._limits.idle_timeout):
+                await self._receive_more()
+            if not self._has_pending_input():
+                return None  # idle too long: close quietly
         try:
-            with trio.fail_after(timeout):
-                event = await self._next_event()
-                # The head clock starts once the client starts sending; idle time before is allowed.
+            with trio.fail_after(self._limits.head_timeout):
+                event = await self._next_head_event()
         except trio.TooSlowError:
-            if self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]:
-                return None  # idle keep-alive connection: close quietly
-            await self._send_error(408, "request head not received in time")
+            await self._send_error(408, "request head not received in time", close=True)
             return None
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             reason = "request head too large" if status == 431 else f"malformed request: {exc}"
-            await self._send_error(status, reason)
+            await self._send_error(status, reason, close=True)
             return None
         if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
@@ -117,10 +184,24 @@ class ClientConnection:
             return None
         return event
 
+    async def _next_head_event(self) -> h11.Event | type[h11.PAUSED]:
+        """Like _next_event, with the strict raw-head checks (httpstrict) run before h11 parses the head."""
+        while True:
+            if self._h11.their_state is h11.IDLE:
+                problem = check_raw_head(self._h11.trailing_data[0])
+                if problem is not None:
+                    raise h11.RemoteProtocolError(problem[1], problem[0])
+            event = self._h11.next_event()
+            if event is h11.NEED_DATA:
+                await self._receive_more()
+                continue
+            return event  # type: ignore[return-value]
+
     # -- one exchange ------------------------------------------------------------------------------
 
     async def _exchange(self, request: h11.Request) -> bool:
         started = trio.current_time()
+        self._request_id = pick_request_id(request.headers.raw_items())
         problem = self._check_request(request)
         if problem is not None:
             status, reason = problem
@@ -128,21 +209,41 @@ class ClientConnection:
             self._log(request, status, 0, 0, started)
             return False
         has_body = self._has_body(request)
+        if not has_body:
+            # h11 yields a bodiless request's EndOfMessage as a separate event, with no data needed. Take it
+            # now: left pending, the client would still be in SEND_BODY when the response ends, and the
+            # keep-alive connection could not start its next cycle (it would be closed after every GET).
+            self._h11.next_event()
+        self._chunked = any(name == b"transfer-encoding" for name, _ in request.headers)
+        refusal = self._admit()
+        if refusal is not None:
+            status, reason = refusal
+            await self._send_error(status, reason, retry_after=True)
+            self._log(request, status, 0, 0, started)
+            return self._h11.their_state is h11.DONE
         head = self._build_head(request)
-        attempt = 0
+        replay = _Replay()
+        attempt = possibly_processed = 0
+        mux: Multiplexer | None = None  # the agent of the previous attempt
         while True:
             attempt += 1
             try:
-                _, stream = await self._registry.open_exchange(head, end_stream=not has_body)
+                mux, stream = await self._registry.open_exchange(head, end_stream=not has_body, avoid=mux)
             except NoAgentAvailable as exc:
                 await self._send_error(503, f"no agent available: {exc}", retry_after=True)
                 self._log(request, 503, 0, 0, started)
                 return self._h11.their_state is h11.DONE
-            outcome = await self._run_exchange(request, stream, has_body)
+            outcome = await self._run_exchange(request, stream, has_body, replay, mux)
             stream.close()
-            if outcome.retry and attempt < 3:
-                log.info("retrying %s on another agent: %s", request.method.decode(), outcome.why)
-                continue
+            if outcome.retry:
+                possibly_processed += outcome.maybe_processed
+                if attempt < MAX_ATTEMPTS and possibly_processed < MAX_POSSIBLY_PROCESSED:
+                    # open_exchange waits up to --agent-wait: this covers "the only agent is reconnecting" too.
+                    method = request.method.decode()
+                    log.info("retrying %s (attempt %d): %s", method, attempt + 1, outcome.why)
+                    continue
+                why = f"gave up after {attempt} attempts: {outcome.why}"
+                outcome.pending_error = (502, why)
             if not outcome.head_sent and not outcome.abort:
                 if outcome.body_error is not None:
                     status, reason = outcome.body_status, outcome.body_error
@@ -155,15 +256,17 @@ class ClientConnection:
                 raise _Abort
             return outcome.keep_alive
 
-    async def _run_exchange(self, request: h11.Request, stream: MuxStream, has_body: bool) -> _Outcome:
+    async def _run_exchange(
+        self, request: h11.Request, stream: MuxStream, has_body: bool, replay: _Replay, mux: Multiplexer
+    ) -> _Outcome:
         outcome = _Outcome()
         wants_continue = self._h11.they_are_waiting_for_100_continue
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._request_side, stream, outcome, has_body)
+            nursery.start_soon(self._request_side, stream, outcome, has_body, replay)
             try:
                 await self._relay_response(request, stream, outcome, wants_continue)
             except StreamReset as exc:
-                self._on_reset(request, exc, outcome, has_body)
+                self._on_reset(request, exc, outcome, has_body and replay.overflow, mux.is_closed)
             except _ClientGone:
                 stream.reset(ErrorCode.CANCEL)
                 outcome.abort = True
@@ -172,27 +275,37 @@ class ClientConnection:
         if outcome.client_gone:
             stream.reset(ErrorCode.CANCEL)
             outcome.abort = True
+            if not outcome.head_sent:
+                outcome.status = 499  # the client left first: not a 502, which would blame the agent
         return outcome
 
-    def _on_reset(self, request: h11.Request, exc: StreamReset, outcome: _Outcome, has_body: bool) -> None:
+    def _on_reset(
+        self, request: h11.Request, exc: StreamReset, outcome: _Outcome, body_lost: bool, link_gone: bool
+    ) -> None:
+        """SPEC 10.1, retry rule. `body_lost`: part of the request body was sent and is no longer held;
+        `link_gone`: the agent's connection has ended (rather than this one stream being reset)."""
         if outcome.head_sent:
             # Part of the response is out: the only honest signal left is to break the connection.
             outcome.abort = True
             return
-        body_untouched = not has_body or outcome.bytes_in == 0
-        # SPEC 10: never processed -> always safe; possibly processed -> only an idempotent request whose
-        # link died (not one the agent failed on purpose), since nothing of the response reached the client.
-        lost_link = not exc.remote and exc.error_code is ErrorCode.CANCEL
+        lost_link = link_gone and not exc.remote
+        what = "the agent's connection was lost" if lost_link else "the agent did not complete the exchange"
+        outcome.pending_error = (502, f"{what}: {exc}")
+        if outcome.client_gone or outcome.body_error is not None:
+            return  # we reset it ourselves; the caller answers (or not) for the client's side
+        # Never processed -> always safe; possibly processed -> only an idempotent request whose link died
+        # (not one the agent failed on purpose), since nothing of the response reached the client.
         safe = exc.retryable or (request.method in IDEMPOTENT and lost_link)
-        if safe and body_untouched:
+        if safe and not body_lost:
             outcome.retry = True
+            outcome.maybe_processed = not exc.retryable
             outcome.why = str(exc)
-            return
-        outcome.pending_error = (502, f"the agent's connection was lost: {exc}")
 
-    async def _request_side(self, stream: MuxStream, outcome: _Outcome, has_body: bool) -> None:
+    async def _request_side(
+        self, stream: MuxStream, outcome: _Outcome, has_body: bool, replay: _Replay
+    ) -> None:
         if has_body:
-            await self._pump_request_body(stream, outcome)
+            await self._pump_request_body(stream, outcome, replay)
         if outcome.client_gone or outcome.body_error is not None:
             return
         # Keep reading while the response is awaited, only to notice a client that goes away (a long poll
@@ -207,9 +320,20 @@ class ClientConnection:
             return
         await trio.sleep_forever()
 
-    async def _pump_request_body(self, stream: MuxStream, outcome: _Outcome) -> None:
+    async def _pump_request_body(self, stream: MuxStream, outcome: _Outcome, replay: _Replay) -> None:
         limit = self._limits.max_body_size
         try:
+            if replay.held or replay.complete:
+                # A retry: first what the earlier attempt had already read from the client.
+                outcome.bytes_in = len(replay.held)
+                if replay.held:
+                    await stream.send_data(bytes(replay.held))
+                if replay.complete:
+                    if replay.trailers:
+                        await stream.send_trailers(replay.trailers)
+                    else:
+                        await stream.send_end()
+                    return
             while True:
                 try:
                     event = await self._next_event()
@@ -219,6 +343,7 @@ class ClientConnection:
                     return
                 if isinstance(event, h11.Data):
                     outcome.bytes_in += len(event.data)
+                    replay.hold(event.data)
                     if limit is not None and outcome.bytes_in > limit:
                         outcome.body_error = "request body too large"
                         outcome.body_status = 413
@@ -226,6 +351,8 @@ class ClientConnection:
                         return
                     await stream.send_data(event.data)
                 elif isinstance(event, h11.EndOfMessage):
+                    replay.complete = True
+                    replay.trailers = list(event.headers.raw_items())
                     if event.headers:
                         await stream.send_trailers(list(event.headers.raw_items()))
                     else:
@@ -264,7 +391,9 @@ class ClientConnection:
                 ErrorCode.PROTOCOL_ERROR, remote=True, retryable=False, reason="101 unsupported"
             )
         # The agent already stripped hop-by-hop headers and added Via; strip again since the agent is not trusted.
-        headers = strip_hop_by_hop(list(head.headers))
+        headers = with_request_id(strip_hop_by_hop(list(head.headers)), self._request_id)
+        if self.draining:
+            headers.append((b"Connection", b"close"))  # the relay is shutting down: no next request here
         await self._send(h11.Response(status_code=head.status, headers=headers, reason=head.reason))
         outcome.head_sent = True
         outcome.status = head.status
@@ -279,6 +408,25 @@ class ClientConnection:
         outcome.keep_alive = True
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    def _admit(self) -> tuple[int, str] | None:
+        """The limits shared with other clients: the offender alone gets 429/503 (Retry-After), others go on."""
+        refused = self._exchanges.acquire(self._client_ip)
+        if refused is not None:
+            return 429, "too many concurrent requests from your address"
+        self._holds_slot = True
+        budget = self._limits.max_buffered_bytes
+        if budget is not None:
+            buffered = sum(mux.buffered_bytes for mux in self._registry.agents)
+            if buffered > budget:
+                log.warning("buffered stream data %d > budget %d: refusing new exchanges", buffered, budget)
+                return 503, "the relay is short of memory, try again later"
+        return None
+
+    def _release_exchange_slot(self) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
+            self._exchanges.release(self._client_ip)
 
     def _check_request(self, request: h11.Request) -> tuple[int, str] | None:
         if request.http_version not in (b"1.0", b"1.1"):
@@ -313,7 +461,21 @@ class ClientConnection:
         raw = list(request.headers.raw_items())
         host = next((value for name, value in raw if name.lower() == b"host"), None)
         headers = strip_hop_by_hop(raw)
+        lengths = [value for name, value in request.headers if name == b"content-length"]
+        if lengths:
+            # h11 accepted only equal values ("3, 3", or the header twice): forward exactly one, in canonical
+            # form, so no later hop can read a list or a leading zero differently.
+            canonical = str(int(lengths[0])).encode()
+            kept: list[tuple[bytes, bytes]] = []
+            for name, value in headers:
+                if name.lower() != b"content-length":
+                    kept.append((name, value))
+                elif canonical:
+                    kept.append((name, canonical))
+                    canonical = b""
+            headers = kept
         headers = add_forwarding(headers, client_ip=self._client_ip, proto=self._scheme, host=host)
+        headers = with_request_id(headers, self._request_id)
         return RequestHead(request.method, request.target, tuple(headers))
 
     async def _send(self, event: h11.Event) -> None:
@@ -336,6 +498,7 @@ class ClientConnection:
         ]
         if retry_after:
             headers.append((b"Retry-After", b"5"))
+        headers = with_request_id(headers, self._request_id)
         if close or self._h11.their_state not in (h11.DONE, h11.IDLE):
             headers.append((b"Connection", b"close"))
         try:
@@ -357,16 +520,49 @@ class ClientConnection:
 
     def _log(self, request: h11.Request, status: int, bytes_in: int, bytes_out: int, started: float) -> None:
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+        access = Access(
+            method=request.method.decode("ascii", "replace"),
+            path=path,
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            duration_ms=round((trio.current_time() - started) * 1000, 3),
+            request_id=self._request_id,
+        )
         access_log.info(
-            "%s %s %s %d in=%d out=%d %.1fms",
+            "%s %s %s %d in=%d out=%d %.1fms id=%s",
             self._client_ip,
-            request.method.decode("ascii", "replace"),
+            access.method,
             path,
             status,
             bytes_in,
             bytes_out,
-            (trio.current_time() - started) * 1000,
+            access.duration_ms,
+            access.request_id,
+            extra=access.extra(client=self._client_ip),
         )
+        if self._on_exchange is not None:
+            self._on_exchange(access)
+
+
+@dataclasses.dataclass
+class _Replay:
+    """The request body read from the client so far, held (up to REPLAY_LIMIT) so that a request whose
+    stream was refused, or lost before the agent could have processed it, can be sent again (SPEC 10)."""
+
+    held: bytearray = dataclasses.field(default_factory=bytearray)
+    overflow: bool = False  # more was read than is held: the body cannot be replayed
+    complete: bool = False  # the client's EndOfMessage was read
+    trailers: list[tuple[bytes, bytes]] | None = None
+
+    def hold(self, data: bytes) -> None:
+        if self.overflow:
+            return
+        if len(self.held) + len(data) > REPLAY_LIMIT:
+            self.overflow = True
+            self.held = bytearray()
+        else:
+            self.held += data
 
 
 @dataclasses.dataclass
@@ -383,3 +579,4 @@ class _Outcome:
     body_error: str | None = None
     body_status: int = 400
     pending_error: tuple[int, str] | None = None
+    maybe_processed: bool = False  # retry: the agent may have processed it (see MAX_POSSIBLY_PROCESSED)

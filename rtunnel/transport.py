@@ -1,40 +1,61 @@
-"""WebSocket transport: the only module that touches the WebSocket library (trio-websocket 0.12.2).
+"""WebSocket transport: the only module that touches the WebSocket library (the sans-IO core of
+`websockets` >= 17, driven by our own trio code; not websockets.trio, not websockets.asyncio).
 
 Everything else in rtunnel sees `Transport` (send/receive whole binary messages, close, abort),
-`connect()` for the agent and `serve()` for the relay, and the exceptions defined here, so the
-library can be swapped (websockets.trio, or a sans-IO core) by rewriting this file alone.
+`connect()` for the agent and `serve()` for the relay, and the exceptions defined here.
 
-Why this is more than a thin wrapper (see /work/shared/notes/libraries.md, section 1):
-- We own the TCP/TLS stream and hand trio-websocket a `_GuardedStream` around it. That lets us
-  close the socket synchronously (`abort()` must not send a Close on a stuck link), record why
-  the link died, and notice a failure during the handshake: trio-websocket's handshake waits on
-  an event that is never set when the socket fails first, so a TLS error or an EOF would
-  otherwise look like a timeout.
-- A send cancelled partway corrupts the stream, so the guard closes the socket when that happens.
-- An exception escaping a serve_websocket handler crashes the whole server, so we run our own
-  listeners and catch everything per connection.
+Why our own I/O loop over `websockets.client.ClientProtocol` / `websockets.server.ServerProtocol`
+(see /work/shared/notes/libraries.md, section 2): its C `apply_mask` masks at GB/s where wsproto's
+pure-Python XOR capped agent -> relay traffic (response bodies) at ~150-180 MB/s per process, and
+owning the socket gives us what trio-websocket needed a stream guard for:
+- `abort()` closes the socket synchronously (no Close frame that would wait behind a stuck send);
+- a send cancelled partway would leave half a frame on the wire, so it closes the link;
+- handshake and TLS failures are reported as what they are, never as a timeout.
+
+I/O design (one link = one socket):
+- Reading: `receive()` itself is the reader (no reader task, no queue hop): it reads 64 KiB at a
+  time under a read lock, feeds the protocol and hands out whole binary messages. The mux has one
+  task looping on receive() that never blocks on anything else, so pings and Close frames are seen.
+- Writing: `send()` takes the send lock, builds the frame and writes it with a single send_all
+  (see Transport._frame for why we frame data ourselves). Control frames the reader produces (pong, Close reply) go to a small buffer that
+  the next sender writes in front of its frame, or that one writer task per link writes under the
+  same lock. So the reader never waits for the socket: with both ends writing and neither reading,
+  waiting there would deadlock the link. Our mux pings at its own protocol level; WebSocket pings
+  only come from third-party peers, and a peer that pings faster than we can write loses the link.
+- No compression, no library keepalive (the mux has its own heartbeat).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import http
 import logging
+import math
+import os
 import ssl
+import struct
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from functools import partial
-from typing import NoReturn, TypeVar
+from typing import NoReturn
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    WebSocketConnection,
-    wrap_client_stream,
-    wrap_server_stream,
-)
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidHeader, InvalidStatus, NegotiationError
+from websockets.frames import Close, CloseCode, Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import Side, State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+from websockets.uri import WebSocketURI
+
+from .limits import AuthThrottle
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # no C extension for this platform: still correct, ~100x slower masking
+    from websockets.utils import apply_mask
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -55,14 +76,31 @@ SUBPROTOCOL = "rtunnel.v1"
 # few small frames coalesced with the largest one. Senders must not coalesce beyond this.
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024 + 64 * 1024
 
-# trio-websocket's reader stops reading the socket when this queue is full; one consumer task
-# drains it without blocking (mux rule), so the library default of 1 is enough and bounds memory.
-_MESSAGE_QUEUE_SIZE = 1
+# One read per 64 KiB: smaller reads multiply the per-call cost (trio checkpoint + syscall).
+_RECEIVE_SIZE = 65536
+
+# Control frames (pongs) not yet written because a send is stuck. Each is at most 131 bytes; a
+# peer that keeps pinging while not reading what we send is broken or hostile.
+_MAX_PENDING_CONTROL = 64 * 1024
+
+# Masking works on pieces of this size, written into a buffer kept per link (see Transport._frame).
+_MASK_CHUNK = 64 * 1024
+_KEEP_FRAME_BUFFER = 1024 * 1024 + 14
 
 logger = logging.getLogger("rtunnel.transport")
 
-_T = TypeVar("_T")
 _SocketOrTLS = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+class _LibraryLog(logging.LoggerAdapter[logging.Logger]):
+    """The logger handed to websockets. It logs every request header (our token) at DEBUG and
+    each open/close at INFO; only its warnings and errors get through."""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level >= logging.WARNING and self.logger.isEnabledFor(level)
+
+
+_LIBRARY_LOG = _LibraryLog(logging.getLogger("rtunnel.transport.websockets"), {})
 
 
 class TransportClosed(Exception):
@@ -83,59 +121,6 @@ class AuthRejected(ConnectError):
 
 class VersionMismatch(ConnectError):
     """The relay did not select rtunnel.v1 (426, or no/another subprotocol)."""
-
-
-# --------------------------------------------------------------------------------------------
-# stream guard
-
-
-class _GuardedStream(trio.abc.Stream):
-    """The TCP/TLS stream that trio-websocket drives, with failure tracking and a sync close."""
-
-    def __init__(self, stream: _SocketOrTLS) -> None:
-        self._stream = stream
-        self._socket = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-        self.error: str | None = None  # first failure seen, for messages
-        self.failed = trio.Event()
-
-    def fail(self, reason: str) -> None:
-        if self.error is None:
-            self.error = reason
-        self.failed.set()
-
-    def close_now(self, reason: str) -> None:
-        """Close the socket without any I/O; blocked senders and receivers wake with an error."""
-        self.fail(reason)
-        self._socket.socket.close()
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.fail(_describe_stream_error(exc))
-            raise
-        except BaseException:
-            # Cancelled (or worse) partway through a frame: the peer's parser would wait forever
-            # for the rest of it, so the link cannot be used again.
-            self.close_now("a send was interrupted partway")
-            raise
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        try:
-            data = await self._stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.fail(_describe_stream_error(exc))
-            raise
-        if not data:
-            self.fail("peer closed the TCP connection")
-        return data
-
-    async def aclose(self) -> None:
-        self.fail("closed locally")
-        await self._stream.aclose()
 
 
 def _describe_stream_error(exc: BaseException) -> str:
@@ -165,6 +150,15 @@ def _describe_os_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def _describe_close(close: Close) -> str:
+    try:
+        name = CloseCode(close.code).name
+    except ValueError:
+        name = "PRIVATE" if 4000 <= close.code < 5000 else "UNKNOWN"
+    text = f"WebSocket closed: {close.code} {name}"
+    return f"{text} ({close.reason})" if close.reason else text
+
+
 def _peer(stream: _SocketOrTLS) -> str:
     sock = (stream.transport_stream if isinstance(stream, trio.SSLStream) else stream).socket
     try:
@@ -174,109 +168,289 @@ def _peer(stream: _SocketOrTLS) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _race(guard: _GuardedStream, step: Callable[[], Awaitable[_T]]) -> _T | None:
-    """Run a handshake step until it finishes or the stream fails (then return None)."""
-    result: list[_T] = []
-
-    async def run(cancel_scope: trio.CancelScope) -> None:
-        result.append(await step())
-        cancel_scope.cancel()
-
-    async def watch(cancel_scope: trio.CancelScope) -> None:
-        await guard.failed.wait()
-        cancel_scope.cancel()
-
-    async with trio.open_nursery() as race:
-        race.start_soon(run, race.cancel_scope)
-        race.start_soon(watch, race.cancel_scope)
-    return result[0] if result else None
+def _peer_address(stream: _SocketOrTLS) -> str:
+    """The peer's IP address alone (the unit of per-address limits)."""
+    sock = (stream.transport_stream if isinstance(stream, trio.SSLStream) else stream).socket
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 # --------------------------------------------------------------------------------------------
 # Transport
 
 
+async def _acquire(lock: trio.Lock | trio.StrictFIFOLock) -> None:
+    """Take a lock; when it is free, without a scheduler pass. The socket call that follows is
+    the checkpoint, so a small message costs one pass instead of two (~6 us each)."""
+    try:
+        lock.acquire_nowait()  # fails while others wait too, so FIFO order holds
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 class Transport:
     """One established WebSocket carrying binary messages. Built by connect() and serve()."""
 
     def __init__(
-        self, ws: WebSocketConnection, guard: _GuardedStream, remote: str, close_timeout: float
+        self, stream: _SocketOrTLS, proto: ClientProtocol | ServerProtocol, remote: str, close_timeout: float
     ) -> None:
         self.remote = remote  # "host:port" of the peer, for logs
-        self._ws = ws
-        self._guard = guard
+        # What the server's authenticate() returned for this link (e.g. the token group), None on clients.
+        self.principal: object = None
+        self._stream = stream
+        self._socket = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        self._proto = proto
         self._close_timeout = close_timeout
+        self._send_lock = trio.StrictFIFOLock()
+        self._read_lock = trio.Lock()
+        self._messages: collections.deque[bytes] = collections.deque()
+        self._fragments: list[bytes | bytearray | memoryview] | None = None  # a fragmented message
+        self._control = bytearray()  # pongs / Close replies from the reader, not yet written
+        self._frame_buffer = bytearray()  # for masking large messages (clients only)
+        self._control_ready = trio.Event()
+        self._text = False  # the peer sent a text message (a protocol violation for us)
+        self._eof = False  # the peer closed its direction of the TCP connection
+        self._error: str | None = None  # first socket failure
+        self._end: str | None = None  # how the WebSocket ended, if the peer (or its data) ended it
         self._local_reason: str | None = None  # set once we close or abort
         self._aborted = False
 
     @property
     def closed(self) -> bool:
         """True once the link is unusable (closed, aborted, or its socket failed)."""
-        return self._local_reason is not None or self._ws.closed is not None or self._guard.failed.is_set()
+        return self._local_reason is not None or self._end is not None or self._error is not None
 
     async def send(self, message: bytes | bytearray | memoryview) -> None:
         """Send one binary message. Blocks until the kernel took it (backpressure).
 
         Cancelling a send that already started writing kills the link (the frame is cut)."""
-        # trio-websocket insists on bytes; this is the only copy we make of the payload.
-        data = message if type(message) is bytes else bytes(message)
-        if self._local_reason is not None:
+        if self.closed:
             await trio.lowlevel.checkpoint()
-            raise TransportClosed(self._local_reason)
+            raise TransportClosed(self._reason())
+        await trio.lowlevel.checkpoint_if_cancelled()  # before we own the lock, nothing is cut
+        await _acquire(self._send_lock)
         try:
-            await self._ws.send_message(data)
-        except ConnectionClosed as exc:
-            raise TransportClosed(self._reason(exc)) from None
+            proto = self._proto
+            if self.closed or proto.state is not State.OPEN:
+                raise TransportClosed(self._reason())
+            data = self._frame(message)
+            if self._control:
+                data = b"".join((self._control, data))
+                self._control.clear()
+            if not await self._send_all(data):
+                raise TransportClosed(self._reason())
+        finally:
+            self._send_lock.release()
 
     async def receive(self) -> bytes:
         """Next binary message (cancel-safe). Raises TransportClosed when the link is gone."""
-        if self._local_reason is not None:
-            await trio.lowlevel.checkpoint()
-            raise TransportClosed(self._local_reason)
-        try:
-            message = await self._ws.get_message()
-        except ConnectionClosed as exc:
-            raise TransportClosed(self._reason(exc)) from None
-        if isinstance(message, str):
-            reason = "peer sent a text message (rtunnel.v1 uses binary messages only)"
-            await self._close(1003, "binary messages only", reason)
-            raise TransportClosed(reason)
-        return message
+        while True:
+            if self._local_reason is not None:
+                await trio.lowlevel.checkpoint()
+                raise TransportClosed(self._local_reason)
+            if self._messages:
+                # Already parsed from an earlier read: still a checkpoint, as trio expects.
+                await trio.lowlevel.checkpoint()
+                if self._messages and self._local_reason is None:
+                    return self._messages.popleft()
+                continue
+            if self._text:
+                reason = "peer sent a text message (rtunnel.v1 uses binary messages only)"
+                await self._close(1003, "binary messages only", reason)
+                raise TransportClosed(reason)
+            if self.closed:
+                await trio.lowlevel.checkpoint()
+                raise TransportClosed(self._reason())
+            await _acquire(self._read_lock)
+            try:
+                if not (self._messages or self._text or self.closed):
+                    await self._read()
+            finally:
+                self._read_lock.release()
 
     async def aclose(self) -> None:
         """Graceful close (Close handshake), bounded by close_timeout; idempotent."""
-        await self._close(1000, None, "closed locally")
+        await self._close(1000, "", "closed locally")
 
     def abort(self) -> None:
         """Close the socket now, without a Close frame (which could wait behind a stuck send)."""
         if self._local_reason is None:
             self._local_reason = "aborted locally"
         self._aborted = True
-        self._guard.close_now("aborted locally")
-
-    async def _close(self, code: int, ws_reason: str | None, local_reason: str) -> None:
-        if self._local_reason is None:
-            self._local_reason = local_reason
-        try:
-            if not self._aborted:
-                with trio.move_on_after(self._close_timeout):
-                    await self._ws.aclose(code, ws_reason)
-        finally:
-            # ws.aclose() returns at once without closing the socket when the WebSocket was
-            # already closed (peer close, TCP loss), so always make sure the fd is released.
-            self._guard.close_now(self._guard.error or "closed locally")
-
-    def _reason(self, exc: ConnectionClosed) -> str:
-        if self._local_reason is not None:
-            return self._local_reason
-        close = exc.reason
-        if close is None or close.code == 1006:
-            return f"connection lost: {self._guard.error or 'no WebSocket close'}"
-        text = f"WebSocket closed: {close.code} {close.name}"
-        return f"{text} ({close.reason})" if close.reason else text
+        self._close_now("aborted locally")
 
     def __repr__(self) -> str:
         return f"<Transport remote={self.remote} closed={self.closed}>"
+
+    def _frame(self, message: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """One final binary frame. Built here, not by the protocol object (whose state does not
+        change for a data frame): its serializer makes two payload-sized allocations, and above
+        glibc's 128 KiB mmap threshold each one faults its pages in again (0.8 s/GB measured for
+        256 KiB messages; masking 64 KiB pieces into a kept buffer: 0.08 s/GB)."""
+        size = len(message)
+        if size < 126:
+            head = struct.pack("!BB", 0x82, size)
+        elif size < 65536:
+            head = struct.pack("!BBH", 0x82, 126, size)
+        else:
+            head = struct.pack("!BBQ", 0x82, 127, size)
+        if self._proto.side is Side.SERVER:
+            return b"".join((head, message))
+        mask = os.urandom(4)  # a client masks every frame (RFC 6455 5.3)
+        head = bytes([head[0], head[1] | 0x80]) + head[2:] + mask
+        if size <= _MASK_CHUNK:
+            return b"".join((head, apply_mask(message, mask)))
+        total = len(head) + size
+        buf = self._frame_buffer
+        if len(buf) < total:
+            buf = bytearray(total)  # never resized in place: a view of the old one may live on
+            if total <= _KEEP_FRAME_BUFFER:
+                self._frame_buffer = buf
+        buf[: len(head)] = head
+        view = memoryview(message)
+        offset = len(head)
+        for start in range(0, size, _MASK_CHUNK):  # multiples of 4: the mask phase is kept
+            piece = apply_mask(view[start : start + _MASK_CHUNK], mask)
+            buf[offset + start : offset + start + len(piece)] = piece
+        return memoryview(buf)[:total]
+
+    # -- socket --------------------------------------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        if self._error is None:
+            self._error = reason
+
+    def _close_now(self, reason: str) -> None:
+        """Close the socket without any I/O; blocked senders and receivers wake with an error."""
+        self._fail(reason)
+        self._socket.socket.close()
+
+    def _reason(self) -> str:
+        if self._local_reason is not None:
+            return self._local_reason
+        if self._end is not None:
+            return self._end
+        return f"connection lost: {self._error or 'no WebSocket close'}"
+
+    async def _send_all(self, data: bytes | memoryview) -> bool:
+        """Write with the send lock held; False (reason recorded) if the socket failed."""
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(_describe_stream_error(exc))
+            return False
+        except BaseException:
+            # Cancelled (or worse) partway through a frame: the peer's parser would wait forever
+            # for the rest of it, so the link cannot be used again.
+            self._close_now("a send was interrupted partway")
+            raise
+        return True
+
+    async def _read(self) -> None:
+        """One read from the socket into the protocol (read lock held)."""
+        try:
+            data = await self._stream.receive_some(_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(_describe_stream_error(exc))
+            return
+        proto = self._proto
+        if data:
+            proto.receive_data(data)
+        else:
+            self._eof = True
+            self._fail("peer closed the TCP connection")
+            proto.receive_eof()
+        self._handle(proto.events_received())
+
+    # -- protocol events -------------------------------------------------------------------------
+
+    def _handle(self, events: Sequence[Request | Response | Frame]) -> None:
+        """Turn parsed frames into messages and queue what the protocol wants written."""
+        messages = self._messages
+        for frame in events:
+            assert isinstance(frame, Frame)  # the handshake is over
+            opcode = frame.opcode
+            if opcode is Opcode.BINARY:
+                if self._text:
+                    continue  # the link is being closed; nothing after the text message counts
+                if frame.fin:
+                    data = frame.data
+                    messages.append(data if type(data) is bytes else bytes(data))
+                else:
+                    self._fragments = [frame.data]
+            elif opcode is Opcode.CONT:
+                if self._fragments is not None:  # else: continuing a text message
+                    self._fragments.append(frame.data)
+                    if frame.fin:
+                        if not self._text:
+                            messages.append(b"".join(self._fragments))
+                        self._fragments = None
+            elif opcode is Opcode.TEXT:
+                self._text = True
+            elif opcode is Opcode.CLOSE and self._end is None and self._proto.close_rcvd is not None:
+                self._end = _describe_close(self._proto.close_rcvd)
+            # PING: the protocol queued the Pong already (written below); PONG: nothing to do.
+        proto = self._proto
+        if self._end is None and proto.parser_exc is not None and not isinstance(proto.parser_exc, EOFError):
+            # Protocol violation or message over max_size: the protocol sent Close (1002/1009).
+            sent = proto.close_sent
+            self._end = _describe_close(sent) if sent is not None else f"protocol error: {proto.parser_exc}"
+        writes = proto.data_to_send()
+        if writes:
+            for chunk in writes:
+                # SEND_EOF (b"") asks us to close the TCP connection: aclose() does that.
+                self._control += chunk
+            if len(self._control) > _MAX_PENDING_CONTROL:
+                self._close_now("peer sent control frames faster than we could write them")
+            elif self._control:
+                self._control_ready.set()
+
+    async def _write_control(self) -> None:
+        """Background task (one per link): write what the reader queued, so it never waits."""
+        while True:
+            await self._control_ready.wait()
+            self._control_ready = trio.Event()
+            async with self._send_lock:
+                if self._control and self._error is None:
+                    data = bytes(self._control)
+                    self._control.clear()
+                    if not await self._send_all(data):
+                        return
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    async def _close(self, code: int, ws_reason: str, local_reason: str) -> None:
+        if self._local_reason is None:
+            self._local_reason = local_reason
+        try:
+            if not self._aborted and self._error is None:
+                with trio.move_on_after(self._close_timeout):
+                    await self._close_handshake(code, ws_reason)
+        finally:
+            self._close_now(self._error or "closed locally")
+
+    async def _close_handshake(self, code: int, ws_reason: str) -> None:
+        proto = self._proto
+        async with self._send_lock:
+            if proto.state is State.OPEN:
+                proto.send_close(code, ws_reason)
+            self._control += b"".join(proto.data_to_send())
+            if self._control and self._error is None:
+                data = bytes(self._control)
+                self._control.clear()
+                if not await self._send_all(data):
+                    return
+        # Wait for the peer's Close. A server then closes the TCP connection at once; a client
+        # waits for the server to do so (RFC 6455 7.1.1), so the TIME_WAIT lands on the server.
+        async with self._read_lock:
+            while not self._eof and self._error is None:
+                if proto.close_rcvd is not None and (
+                    proto.side is Side.SERVER or proto.state is State.CLOSED
+                ):
+                    return
+                await self._read()
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,17 +514,18 @@ async def connect(
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     dial = _Dial(host, port, path, target, token, ssl_context, close_timeout, max_message_size)
 
+    phase = ["TCP connect"]  # what we were doing when the deadline hit
     transport: Transport | None = None
+    with trio.move_on_after(connect_timeout):
+        transport = await dial.run(phase)
+    if transport is None:
+        raise ConnectError(
+            f"cannot connect to relay {target}: timed out after {connect_timeout:g} s ({phase[0]})"
+        )
     body_exc: BaseException | None = None
     try:
-        # This nursery hosts trio-websocket's reader task for the life of the connection.
-        async with trio.open_nursery() as nursery:
-            phase = ["TCP connect"]  # what we were doing when the deadline hit
-            with trio.move_on_after(connect_timeout):
-                transport = await dial.run(nursery, phase)
-            if transport is None:
-                timeout = f"timed out after {connect_timeout:g} s ({phase[0]})"
-                raise ConnectError(f"cannot connect to relay {target}: {timeout}")
+        async with trio.open_nursery() as nursery:  # hosts the link's control-frame writer
+            nursery.start_soon(transport._write_control)
             try:
                 yield transport
             except BaseException as exc:
@@ -362,10 +537,13 @@ async def connect(
                 await transport.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # The nursery wraps everything in a group; give the caller plain exceptions back.
-        if transport is None:
-            _reraise(_handshake_failure(group, target, token) or group)
-        _reraise(_body_failure(group, body_exc) or group)
+        # The nursery wraps the block's exception in a group; give the caller the plain one.
+        others = [e for e in group.exceptions if e is not body_exc]
+        if body_exc is not None and all(isinstance(e, trio.Cancelled) for e in others):
+            _reraise(body_exc)
+        raise
+    finally:
+        transport.abort()  # no-op after aclose(); releases the socket on any other exit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,13 +557,13 @@ class _Dial:
     close_timeout: float
     max_message_size: int
 
-    async def run(self, nursery: trio.Nursery, phase: list[str]) -> Transport:
+    async def run(self, phase: list[str]) -> Transport:
         try:
             tcp = await trio.open_tcp_stream(self.host, self.port)
         except OSError as exc:
             raise self._error(_describe_os_error(exc)) from exc
         try:
-            return await self._upgrade(nursery, tcp, phase)
+            return await self._upgrade(tcp, phase)
         except BaseException:
             await trio.aclose_forcefully(tcp)
             raise
@@ -393,112 +571,86 @@ class _Dial:
     def _error(self, reason: str) -> ConnectError:
         return ConnectError(f"cannot connect to relay {self.target}: {reason}")
 
-    async def _upgrade(self, nursery: trio.Nursery, tcp: trio.SocketStream, phase: list[str]) -> Transport:
+    async def _upgrade(self, tcp: trio.SocketStream, phase: list[str]) -> Transport:
         stream: _SocketOrTLS = tcp
         if self.ssl_context is not None:
             phase[0] = "TLS handshake"
             stream = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.host, https_compatible=True)
-            # Explicit, so that a TLS failure is reported as such (see _race for the reason).
             try:
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
                 raise self._error(_describe_stream_error(exc)) from exc
         phase[0] = "WebSocket handshake"
-        guard = _GuardedStream(stream)
-        host_header = f"[{self.host}]" if ":" in self.host else self.host
-        if self.port != (443 if self.ssl_context is not None else 80):
-            host_header += f":{self.port}"
-        headers = []
-        if self.token is not None:
-            headers.append((b"Authorization", b"Bearer " + self.token.encode()))
-        ws = await _race(
-            guard,
-            partial(
-                wrap_client_stream,
-                nursery,
-                guard,  # type: ignore[arg-type]  # annotated as Socket/SSLStream; any Stream works
-                host_header,
-                self.path,
-                subprotocols=[SUBPROTOCOL],
-                extra_headers=headers,
-                message_queue_size=_MESSAGE_QUEUE_SIZE,
-                max_message_size=self.max_message_size,
-                receive_buffer_size=None,  # let trio read 64 KiB at a time
-            ),
+        resource, _, query = self.path.partition("?")
+        uri = WebSocketURI(self.ssl_context is not None, self.host, self.port, resource, query)
+        proto = ClientProtocol(
+            uri, subprotocols=[Subprotocol(SUBPROTOCOL)], max_size=self.max_message_size, logger=_LIBRARY_LOG
         )
-        if ws is None:
-            reason = f"connection closed during the WebSocket handshake ({guard.error})"
-            raise self._error(reason)
-        transport = Transport(ws, guard, _peer(stream), self.close_timeout)
-        if ws.subprotocol != SUBPROTOCOL:
+        request = proto.connect()
+        if self.token is not None:
+            request.headers["Authorization"] = "Bearer " + self.token
+        proto.send_request(request)
+        try:
+            await stream.send_all(b"".join(proto.data_to_send()))
+            events: list[Request | Response | Frame] = []
+            while not events:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+                if data:
+                    proto.receive_data(data)
+                else:
+                    proto.receive_eof()
+                events = proto.events_received()
+                if not events and not data:
+                    why = "peer closed the TCP connection"
+                    raise self._error(f"connection closed during the WebSocket handshake ({why})")
+                if not events and proto.handshake_exc is not None:
+                    bad = proto.handshake_exc
+                    why = f"{bad} ({bad.__cause__})" if bad.__cause__ else str(bad)
+                    raise self._error(f"WebSocket handshake failed: {why}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = _describe_stream_error(exc)
+            raise self._error(f"connection closed during the WebSocket handshake ({reason})") from exc
+        response = events.pop(0)
+        assert isinstance(response, Response)
+        if proto.handshake_exc is not None:
+            raise self._refusal(proto.handshake_exc, response)
+        transport = Transport(stream, proto, _peer(stream), self.close_timeout)
+        transport._handle(events)  # frames that arrived right behind the 101
+        if proto.subprotocol != SUBPROTOCOL:
             await transport._close(1002, f"{SUBPROTOCOL} not selected", "version mismatch")
-            selected = ws.subprotocol or "none"
             raise VersionMismatch(
-                f"relay {self.target} did not select subprotocol {SUBPROTOCOL} (selected: {selected})"
+                f"relay {self.target} did not select subprotocol {SUBPROTOCOL} (selected: none)"
             )
         return transport
 
-
-def _handshake_failure(
-    group: BaseExceptionGroup[BaseException], target: str, token: str | None
-) -> BaseException | None:
-    """Map what the connect nursery raised before the Transport existed to a ConnectError."""
-    errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-    if not errors or any(not isinstance(e, Exception) for e in errors):
-        return None  # cancellation or KeyboardInterrupt: let it through untouched
-    for exc in errors:
-        if isinstance(exc, ConnectionRejected):
-            return _rejection(exc, target, token)
-    for exc in errors:
-        if isinstance(exc, ConnectError):
-            return exc
-    exc = errors[0]
-    reason = f"{type(exc).__name__}: {exc}"
-    err = ConnectError(f"WebSocket handshake with relay {target} failed: {reason}")
-    err.__cause__ = exc
-    return err
+    def _refusal(self, exc: Exception, response: Response) -> ConnectError:
+        err: ConnectError
+        if isinstance(exc, InvalidStatus):
+            err = _rejection(response, self.target, self.token)
+        elif isinstance(exc, NegotiationError | InvalidHeader) and "subprotocol" in str(exc).lower():
+            err = VersionMismatch(f"relay {self.target} did not select subprotocol {SUBPROTOCOL} ({exc})")
+        else:
+            err = ConnectError(f"WebSocket handshake with relay {self.target} failed: {exc}")
+        err.__cause__ = exc
+        return err
 
 
-def _rejection(exc: ConnectionRejected, target: str, token: str | None) -> ConnectError:
-    status = exc.status_code
+def _rejection(response: Response, target: str, token: str | None) -> ConnectError:
+    status = response.status_code
     try:
         phrase = http.HTTPStatus(status).phrase
     except ValueError:
         phrase = "unknown status"
-    body = (exc.body or b"").decode("utf-8", "replace").strip().splitlines()
+    body = (response.body or b"").decode("utf-8", "replace").strip().splitlines()
     detail = f"{status} {phrase}"
     if body and body[0].strip():
         detail += ": " + "".join(c if c.isprintable() else "?" for c in body[0].strip()[:200])
-    err: ConnectError
     if status in (401, 403):
         hint = "no token was given" if token is None else "check the token"
-        err = AuthRejected(f"relay {target} refused the connection ({detail}); {hint}")
-    elif status == 426:
-        err = VersionMismatch(f"relay {target} does not speak {SUBPROTOCOL} ({detail})")
-    else:
-        err = ConnectError(f"relay {target} refused the WebSocket upgrade ({detail})")
-    err.__cause__ = exc
-    return err
-
-
-def _body_failure(
-    group: BaseExceptionGroup[BaseException], body_exc: BaseException | None
-) -> BaseException | None:
-    """Pick what to raise after the block ran: the block's own exception if that is all there
-    is, a TransportClosed if the library's reader task failed, else None (raise the group)."""
-    others = [e for e in group.exceptions if e is not body_exc]
-    if all(isinstance(e, trio.Cancelled) for e in others):
-        return body_exc  # None if only the reader's Cancelled is in there
-    errors = [e for e in others if not isinstance(e, trio.Cancelled)]
-    if (
-        (body_exc is None or isinstance(body_exc, trio.Cancelled))
-        and len(errors) == 1
-        and isinstance(errors[0], Exception)
-    ):
-        err = TransportClosed(f"WebSocket library failed: {errors[0]!r}")
-        err.__cause__ = errors[0]
-        return err
-    return None
+        return AuthRejected(f"relay {target} refused the connection ({detail}); {hint}")
+    if status == 426:
+        return VersionMismatch(f"relay {target} does not speak {SUBPROTOCOL} ({detail})")
+    return ConnectError(f"relay {target} refused the WebSocket upgrade ({detail})")
 
 
 def _reraise(exc: BaseException) -> NoReturn:
@@ -517,7 +669,7 @@ def _reraise(exc: BaseException) -> NoReturn:
 
 def _bearer_token(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     """The raw token of the one Authorization: Bearer header, or None (missing, repeated, other
-    scheme). Names from trio-websocket are already lower case."""
+    scheme). Names must be lower case."""
     values = [v for k, v in headers if k == b"authorization"]
     if len(values) != 1:
         return None
@@ -528,13 +680,19 @@ def _bearer_token(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     return token or None
 
 
+def _select_subprotocol(proto: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    # Never refuse here: the token is checked first (401), then the subprotocol (426).
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
+
+
 async def serve(
     handler: Callable[[Transport], Awaitable[None]],
     host: str | None,
     port: int,
     *,
-    authenticate: Callable[[bytes | None], bool],
+    authenticate: Callable[[bytes | None], object],
     ssl_context: ssl.SSLContext | None = None,
+    auth_throttle: AuthThrottle | None = None,
     handshake_timeout: float = 10,
     close_timeout: float = 5,
     max_message_size: int = MAX_MESSAGE_SIZE,
@@ -544,8 +702,11 @@ async def serve(
 
     task_status.started((host, port)) reports the first bound address (port 0 allowed).
     authenticate gets the raw Bearer token (None when missing/not Bearer/repeated) and must
-    compare in constant time. The transport is closed gracefully when the handler returns; if
-    the handler raises, the exception is logged (never fatal) and the transport aborted."""
+    compare in constant time; a falsy result refuses the agent (401), anything else accepts it and
+    becomes `transport.principal`. auth_throttle: failed attempts per source address, beyond
+    which the address is refused with 429 for a while (checked before the token).
+    The transport is closed gracefully when the handler returns; if the handler raises, the
+    exception is logged (never fatal) and the transport aborted."""
     tcp_listeners = await trio.open_tcp_listeners(port, host=host)
     bound_host, bound_port = tcp_listeners[0].socket.getsockname()[:2]
     listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
@@ -554,7 +715,9 @@ async def serve(
     else:
         listeners = [trio.SSLListener(tcp, ssl_context, https_compatible=True) for tcp in tcp_listeners]
 
-    acceptor = _Acceptor(handler, authenticate, handshake_timeout, close_timeout, max_message_size)
+    acceptor = _Acceptor(
+        handler, authenticate, handshake_timeout, close_timeout, max_message_size, auth_throttle
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, acceptor.serve_connection, listeners)
         task_status.started((bound_host, bound_port))
@@ -563,69 +726,115 @@ async def serve(
 @dataclasses.dataclass(frozen=True)
 class _Acceptor:
     handler: Callable[[Transport], Awaitable[None]]
-    authenticate: Callable[[bytes | None], bool]
+    authenticate: Callable[[bytes | None], object]
     handshake_timeout: float
     close_timeout: float
     max_message_size: int
+    auth_throttle: AuthThrottle | None = None
 
     async def serve_connection(self, stream: _SocketOrTLS) -> None:
         # Nothing but cancellation may escape: serve_listeners would take the whole server
         # down. (trio closes the stream with aclose_forcefully when we return.)
         remote = _peer(stream)
         try:
-            async with trio.open_nursery() as nursery:  # hosts trio-websocket's reader task
-                transport = await self._accept(nursery, stream, remote)
-                if transport is not None:
-                    try:
-                        await self.handler(transport)
-                    except Exception:
-                        transport.abort()
-                        logger.exception("handler for %s failed", remote)
-                    finally:
-                        await transport.aclose()
-                nursery.cancel_scope.cancel()
+            transport = await self._accept(stream, remote)
+            if transport is None:
+                return
+            async with trio.open_nursery() as nursery:  # hosts the link's control-frame writer
+                nursery.start_soon(transport._write_control)
+                try:
+                    await self.handler(transport)
+                except Exception:
+                    transport.abort()
+                    logger.exception("handler for %s failed", remote)
+                finally:
+                    await transport.aclose()
+                    nursery.cancel_scope.cancel()
         except* Exception:
             logger.exception("connection from %s failed", remote)
 
-    async def _accept(self, nursery: trio.Nursery, stream: _SocketOrTLS, remote: str) -> Transport | None:
-        guard = _GuardedStream(stream)
+    async def _accept(self, stream: _SocketOrTLS, remote: str) -> Transport | None:
+        proto = ServerProtocol(
+            select_subprotocol=_select_subprotocol, max_size=self.max_message_size, logger=_LIBRARY_LOG
+        )
         with trio.move_on_after(self.handshake_timeout):
-            request = await _race(
-                guard,
-                partial(
-                    wrap_server_stream,
-                    nursery,
-                    guard,
-                    message_queue_size=_MESSAGE_QUEUE_SIZE,
-                    max_message_size=self.max_message_size,
-                    receive_buffer_size=None,
-                ),
-            )
-            if request is None:
-                logger.info("handshake from %s failed: %s", remote, guard.error)
-                return None
             try:
-                if not self.authenticate(_bearer_token(request.headers)):
-                    logger.warning("rejected %s: missing or wrong token (401)", remote)
-                    await request.reject(
-                        401,
-                        extra_headers=[(b"WWW-Authenticate", b"Bearer"), _TEXT_PLAIN],
-                        body=b"missing or wrong token\n",
+                received = await self._read_request(stream, proto, remote)
+                if received is None:
+                    return None
+                request, events = received
+                response = proto.accept(request)
+                principal: object = None
+                if response.status_code != 101:
+                    logger.info(
+                        "handshake from %s failed: %s (%d)", remote, proto.handshake_exc, response.status_code
                     )
-                    return None
-                offered = request.proposed_subprotocols
-                if SUBPROTOCOL not in offered:
-                    logger.warning("rejected %s: %s not offered (%r) (426)", remote, SUBPROTOCOL, offered)
-                    body = f"this relay supports subprotocol {SUBPROTOCOL} only\n".encode()
-                    await request.reject(426, extra_headers=[_TEXT_PLAIN], body=body)
-                    return None
-                ws = await request.accept(subprotocol=SUBPROTOCOL)
-            except ConnectionClosed:
-                logger.info("handshake from %s failed: %s", remote, guard.error)
+                else:
+                    refusal, principal = self._check(request, proto, _peer_address(stream), remote)
+                    response = refusal or response
+                proto.send_response(response)
+                await stream.send_all(b"".join(proto.data_to_send()))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                logger.info("handshake from %s failed: %s", remote, _describe_stream_error(exc))
                 return None
-            return Transport(ws, guard, remote, self.close_timeout)
+            if response.status_code != 101:
+                return None
+            transport = Transport(stream, proto, remote, self.close_timeout)
+            transport.principal = principal
+            transport._handle(events)  # frames the client sent right behind its request
+            return transport
         logger.info("handshake from %s timed out after %g s", remote, self.handshake_timeout)
         return None
 
+    async def _read_request(
+        self, stream: _SocketOrTLS, proto: ServerProtocol, remote: str
+    ) -> tuple[Request, list[Request | Response | Frame]] | None:
+        while True:
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                logger.info("handshake from %s failed: peer closed the TCP connection", remote)
+                return None
+            proto.receive_data(data)
+            events = proto.events_received()
+            if events:
+                request = events.pop(0)
+                assert isinstance(request, Request)
+                return request, events
+            if proto.handshake_exc is not None:
+                # Not HTTP, or a head over the library's limits. It answers 414/431 itself.
+                reply = b"".join(proto.data_to_send())
+                if not reply:
+                    reply = proto.reject(400, "bad WebSocket handshake request\n").serialize()
+                await stream.send_all(reply)
+                logger.info("handshake from %s failed: %s", remote, proto.handshake_exc)
+                return None
 
-_TEXT_PLAIN = (b"Content-Type", b"text/plain")
+    def _check(
+        self, request: Request, proto: ServerProtocol, address: str, remote: str
+    ) -> tuple[Response | None, object]:
+        """(refusal, principal) for a well-formed upgrade: 429 for an address that failed too
+        often (not even checked), 401 for the token, then 426 for the version."""
+        throttle = self.auth_throttle
+        wait = throttle.retry_after(address, trio.current_time()) if throttle else None
+        if wait is not None:
+            # Blocked after too many failures (logged once, by the throttle).
+            text = "too many failed authentications from your address; try again later\n"
+            response = proto.reject(429, text)
+            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return response, None
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.raw_items()]
+        principal = self.authenticate(_bearer_token(headers))
+        if not principal:
+            if throttle is not None:
+                throttle.failed(address, trio.current_time())
+            logger.warning("rejected %s: missing or wrong token (401)", remote)
+            response = proto.reject(401, "missing or wrong token\n")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response, None
+        if proto.subprotocol != SUBPROTOCOL:
+            offered = request.headers.get_all("Sec-WebSocket-Protocol")
+            logger.warning("rejected %s: %s not offered (%r) (426)", remote, SUBPROTOCOL, offered)
+            response = proto.reject(426, f"this relay supports subprotocol {SUBPROTOCOL} only\n")
+            response.headers["Upgrade"] = "websocket"
+            return response, None
+        return None, principal

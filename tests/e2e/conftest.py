@@ -23,7 +23,9 @@ from .upstream import Upstream, open_upstream
 
 @pytest.fixture
 def token() -> str:
-    return secrets.token_urlsafe(16)
+    # A fixed prefix: a bare token_urlsafe starts with "-" one time in 64, and argparse then reads
+    # "--token -xyz" as a missing value (exit 2), which made e2e tests fail at random.
+    return "tok-" + secrets.token_urlsafe(16)
 
 
 @pytest.fixture

@@ -203,3 +203,28 @@ async def test_goaway_refuses_new_streams_and_lets_old_ones_finish() -> None:
             await agent.wait_idle()
         relay.abort("done")
         agent.abort("done")
+
+
+async def test_every_opener_queued_for_a_stream_slot_gets_one_in_turn() -> None:
+    """With the agent allowing 2 concurrent streams, 20 exchanges queue for slots and all complete: a freed
+    slot must wake the waiters, not only the last one to start waiting."""
+    async with trio.open_nursery() as nursery:
+        t_relay, t_agent = memory_transport_pair()
+        relay = Multiplexer(t_relay, Role.ACCEPTOR)
+        agent = Multiplexer(t_agent, Role.DIALER, handler=echo_handler, settings=Settings(max_concurrent_streams=2))
+        nursery.start_soon(agent.run)
+        await nursery.start(relay.run)
+        done = 0
+
+        async def one(i: int) -> None:
+            nonlocal done
+            assert await exchange(relay, b"%d" % i * 1000) == b"%d" % i * 1000
+            done += 1
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as inner:
+                for i in range(20):
+                    inner.start_soon(one, i)
+        assert done == 20
+        relay.abort("done")
+        agent.abort("done")

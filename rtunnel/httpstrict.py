@@ -1,0 +1,99 @@
+"""Strict checks on a raw HTTP/1.1 request head, for what h11 0.16 accepts but a proxy must not.
+
+h11 parses leniently where RFC 9112 allows a recipient to (see /work/shared/notes/libraries.md, section 3).
+A proxy is different: whatever it accepts loosely, the next server may read another way, and that gap is
+where request smuggling lives. The relay re-serializes every request (the upstream only ever sees the agent's
+own framing of what the relay parsed), which already closes most of the gap; these checks close the rest by
+refusing, with 400 and a closed connection, every head whose meaning is not unambiguous:
+
+* obs-fold (a header line starting with a space or tab): RFC 9112 5.2 lets a proxy replace it with spaces,
+  but other hops may join lines differently, and no modern client sends it;
+* bare LF line endings and bare CR anywhere in the head (RFC 9112 2.2 allows either refusing or guessing);
+* ``Transfer-Encoding`` whose final coding is not ``chunked``, or with ``chunked`` applied twice (400,
+  RFC 9112 6.3), other codings (501), or any ``Transfer-Encoding`` on an HTTP/1.0 request (faulty framing);
+* header names with ``_`` that read as a framing, routing or forwarding header once ``_`` becomes ``-``
+  (CGI/WSGI-style servers map both spellings to one variable, so ``X_Forwarded_For`` could spoof the
+  relay's own ``X-Forwarded-For``).
+
+Conflicting ``Content-Length`` values and CL together with TE are refused elsewhere (h11 and
+`relay_http.ClientConnection._check_request`).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["check_raw_head"]
+
+# Names that, spelled with "_" instead of "-", must never reach the upstream.
+_UNDERSCORE_SPOOFS: Final = frozenset(
+    [
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"connection",
+        b"forwarded",
+        b"via",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+    ]
+)
+
+
+def check_raw_head(buffer: bytes) -> tuple[int, str] | None:
+    """Check the request head at the start of `buffer` (which may hold only part of it, or more after it).
+
+    Returns (status, reason) for the first problem found, or None: no problem in the part received so far.
+    Lines that are not complete yet are not judged; h11 parses the head after this check and refuses what
+    is malformed in other ways.
+    """
+    pos = 0
+    index = 0
+    codings: list[bytes] = []
+    has_te = False
+    version = b""
+    while True:
+        newline = buffer.find(b"\n", pos)
+        if newline == -1:
+            return None  # the head is not complete yet
+        line = buffer[pos:newline]
+        pos = newline + 1
+        if not line.endswith(b"\r"):
+            return 400, "bare LF line ending in the request head"
+        line = line[:-1]
+        if b"\r" in line:
+            return 400, "bare CR in the request head"
+        if index == 0:
+            if not line:
+                return None  # an empty line before the request line: h11 decides (it refuses it)
+            version = line.rsplit(b" ", 1)[-1]
+        elif not line:
+            break  # end of the head
+        elif line[:1] in (b" ", b"\t"):
+            return 400, "obsolete line folding (obs-fold) in a header"
+        else:
+            name, colon, value = line.partition(b":")
+            lower = name.lower()
+            if colon and b"_" in lower and lower.replace(b"_", b"-") in _UNDERSCORE_SPOOFS:
+                return (
+                    400,
+                    f"header name {name.decode('latin-1')!r} imitates {lower.replace(b'_', b'-').decode()}",
+                )
+            if lower == b"transfer-encoding":
+                has_te = True
+                codings += [c.strip(b" \t").lower() for c in value.split(b",")]
+        index += 1
+    if not has_te:
+        return None
+    if version == b"HTTP/1.0":
+        return 400, "Transfer-Encoding in an HTTP/1.0 request"
+    codings = [c for c in codings if c]  # empty list elements are ignored (RFC 9110 5.6.1)
+    if not codings or codings[-1] != b"chunked":
+        return 400, "chunked is not the final transfer coding"
+    if b"chunked" in codings[:-1]:
+        return 400, "chunked transfer coding applied more than once"
+    if len(codings) > 1:
+        return 501, "transfer codings other than chunked are not supported"
+    return None
