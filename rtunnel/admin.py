@@ -3,6 +3,7 @@
 Endpoints, GET or HEAD:
 - /healthz: 200 while the process runs (liveness);
 - /readyz: 200 once at least one tunnel connection is up (relay: an agent; agent: a relay), else 503;
+  /readyz?tunnel=NAME: the same for one named tunnel;
 - /metrics: Prometheus text format, from the process's own registry;
 - /status.json: the live connections (what `rtunnel status` prints).
 
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.request
 from functools import partial
 from typing import Any, Final
+from urllib.parse import parse_qs
 
 import h11
 import trio
@@ -128,11 +130,17 @@ class AdminServer:
         text = b"text/plain; charset=utf-8"
         if method not in (b"GET", b"HEAD"):
             return 405, text, b"method not allowed\n", [(b"Allow", b"GET, HEAD")]
-        path = target.split(b"?", 1)[0]
+        path, _, query = target.partition(b"?")
         metrics = self.metrics
         if path == b"/healthz":
             return 200, text, b"ok\n", []
         if path == b"/readyz":
+            tunnels = parse_qs(query.decode("latin-1")).get("tunnel")
+            if tunnels:  # /readyz?tunnel=NAME: an agent of that named tunnel is connected
+                name = tunnels[0]
+                if metrics.ready_for(name):
+                    return 200, text, b"ready\n", []
+                return 503, text, f"not ready: nothing connected for tunnel {name[:100]!r}\n".encode(), []
             if metrics.ready:
                 return 200, text, b"ready\n", []
             what = "no agent connected" if metrics.role == "relay" else "not connected to any relay"

@@ -56,6 +56,7 @@ class AgentConfig:
     dead_timeout: float = 20.0
     connect_timeout: float = 10.0
     settings: Settings = dataclasses.field(default_factory=lambda: Settings(max_concurrent_streams=10_000))
+    tunnel: str | None = None  # the relay's named tunnel it serves (sent by the connector; here for metrics)
 
 
 class Agent:
@@ -170,7 +171,7 @@ class Agent:
                     await nursery.start(mux.run)
                     connected_at.append(trio.current_time())
                     self.connections[url] = mux
-                    self.metrics.link_up(mux, url)
+                    self.metrics.link_up(mux, url, tunnel=config.tunnel)
                     log.info("connected to %s", url)
                     if self._draining:  # drain() began while we were connecting
                         mux.goaway()

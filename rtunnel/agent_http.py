@@ -10,6 +10,10 @@ status the client can act on:
 * the upstream broke after the final REPLY was sent: RESET(INTERNAL_ERROR), so the truncated body can never
   look complete.
 
+A protocol switch (SPEC.md 5.5: `Connection: upgrade` + `Upgrade`, no body) is forwarded with its Upgrade
+header; if the upstream answers 101, the stream and the upstream connection carry raw bytes both ways
+(rtunnel.passthrough) until both sides have closed, and the connection is never pooled again.
+
 The request body and the response run concurrently, because an upstream may answer (e.g. 413, 401, or an
 echo) before it has read the whole body; sending the body first could then deadlock.
 """
@@ -29,6 +33,7 @@ from protocol import ErrorCode, LocalProtocolError, RequestHead, ResponseHead
 from .allowlist import Allowlist
 from .logs import Access, request_id_of
 from .mux import MuxStream, StreamReset
+from .passthrough import pump, upgrade_offer, with_upgrade
 from .proxyheaders import Header, response_headers_for_client, strip_hop_by_hop
 from .upstream import (
     READ_SIZE,
@@ -119,6 +124,7 @@ class _Attempt:
         self.interim_sent = False
         self.final_received = False
         self.complete = False
+        self.switched = False  # the upstream answered 101: raw bytes from here on
 
     def request_sent(self) -> None:
         if self.head_scope.deadline == math.inf:
@@ -140,6 +146,7 @@ class _Exchange:
         self.finished = False  # our direction is complete or we reset it ourselves
         self.content_length: int | None = None  # framing of the upstream request body
         self.chunked = False
+        self.upgrade = False  # a protocol-switch request (SPEC 5.5), forwarded with its Upgrade header
 
     # -- entry ---------------------------------------------------------------------------------------
 
@@ -166,7 +173,9 @@ class _Exchange:
             return
         headers, content_length, chunked_hint = prepared
         body = _RequestBody(self.stream)
-        has_body = await self.decide_body(body, headers, content_length, chunked_hint)
+        # An upgrade request has no body, and the relay keeps its direction open for the switched
+        # protocol: peeking for a body there would wait for bytes that come only after a 101.
+        has_body = not self.upgrade and await self.decide_body(body, headers, content_length, chunked_hint)
         try:
             request = h11.Request(method=head.method, target=decision.target, headers=headers)
         except h11.LocalProtocolError as exc:
@@ -196,10 +205,15 @@ class _Exchange:
         raw = self.head.headers
         had_te = any(name.lower() == b"transfer-encoding" for name, _ in raw)
         # The relay already removed hop-by-hop headers; doing it again costs nothing and means a relay bug
-        # cannot smuggle Connection/Upgrade/Transfer-Encoding through to the upstream.
-        # Protocol switches (WebSocket, SPEC.md 5.5) are not supported yet: Upgrade is always removed here, so
-        # an upstream that answers 101 anyway is answered 502 "protocol switch not supported yet".
-        headers = strip_hop_by_hop(raw)
+        # cannot smuggle Connection/Transfer-Encoding through to the upstream. Upgrade is kept (with a single
+        # Connection: upgrade) only for a bodiless protocol-switch request, h2c never (passthrough.py).
+        has_length = any(
+            name.lower() == b"content-length" and value.strip(b" \t") not in (b"0", b"")
+            for name, value in raw
+        )
+        offer = None if had_te or has_length or self.method == b"CONNECT" else upgrade_offer(raw)
+        self.upgrade = offer is not None
+        headers = with_upgrade(raw, offer)
         lengths = [value for name, value in headers if name.lower() == b"content-length"]
         content_length: int | None = None
         if had_te:
@@ -276,6 +290,9 @@ class _Exchange:
                     nursery.cancel_scope.cancel()
             if self.relay_reset is not None:
                 raise self.relay_reset
+            if att.switched:
+                await self.passthrough(conn)
+                return False
             if att.complete:
                 pool.release(conn)
                 released = True
@@ -372,6 +389,13 @@ class _Exchange:
         with att.head_scope:
             while response is None:
                 event = await conn.next_event()
+                if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                    # h11 accepts a 101 only in answer to our Upgrade: it ends HTTP on this connection.
+                    switch = response_headers_for_client(event.headers.raw_items(), keep_upgrade=True)
+                    await self.stream.send_reply(ResponseHead(101, event.reason[:_MAX_REASON], tuple(switch)))
+                    att.final_received = att.switched = True
+                    self.status = 101
+                    return
                 if isinstance(event, h11.InformationalResponse):
                     interim = tuple(strip_hop_by_hop(event.headers.raw_items()))
                     await self.send_head(ResponseHead(event.status_code, event.reason[:_MAX_REASON], interim))
@@ -421,6 +445,19 @@ class _Exchange:
                 return
             else:
                 raise UpstreamBroken(f"upstream sent {type(event).__name__} inside a response body")
+
+    async def passthrough(self, conn: UpstreamConnection) -> None:
+        """After a 101: copy raw bytes between the stream and the upstream until both have closed.
+
+        No timeout applies (response_timeout covered the wait for the 101 only): an idle WebSocket lives as
+        long as its two ends want. A RESET from the relay, or a broken upstream connection, aborts both."""
+        data, _ = conn.h11.trailing_data  # the upstream's first bytes, read together with its 101
+        pumped = await pump(self.stream, conn.stream, initial=data, what="upstream")
+        self.finished = True
+        if pumped.error is not None:
+            self.note = f"switched protocol ended abnormally: {pumped.error}"
+        else:
+            self.note = "switched protocols"
 
     # -- replies to the relay ------------------------------------------------------------------------
 

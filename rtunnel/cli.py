@@ -6,8 +6,11 @@ Configuration errors exit with status 2 and one line on stderr; SIGINT/SIGTERM s
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +22,7 @@ from . import __version__
 from .admin import DEFAULT_ADMIN, AdminServer, parse_admin_address, run_status
 from .config import (
     ConfigError,
+    TokenGroup,
     client_tls_context,
     load_token,
     load_tokens,
@@ -26,13 +30,14 @@ from .config import (
     read_token_file,
     server_tls_context,
 )
-from .configfile import describe_error
+from .configfile import TUNNEL_NAME, TunnelSpec, describe_error, tunnel_token_env
 from .configfile import parse_args as parse_args_with_config
 from .logs import LOG_FORMATS
 from .logs import setup as setup_logging
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+    from .registry import Tunnel
     from .relay import Relay
 
 log = logging.getLogger("rtunnel")
@@ -89,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, how long in-flight exchanges may finish (default 30)",
     )
+    serve.add_argument(
+        "--tunnel",
+        action="append",
+        default=[],
+        metavar="NAME=RULE[,RULE]",
+        help="a named tunnel (repeatable); RULE: host:HOSTNAME, prefix:/PATH, keep-prefix "
+        "(its own token: $RTUNNEL_TUNNEL_<NAME>_TOKEN)",
+    )
     _liveness_options(serve)
     _limit_options(serve)
     _config_and_admin_options(serve)
@@ -134,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="exchanges the relay may run through this agent at once (its MAX_CONCURRENT_STREAMS; default 256)",
     )
+    dial.add_argument("--tunnel", metavar="NAME", help="the named tunnel of the relay this agent serves")
     _liveness_options(dial)
     _config_and_admin_options(dial)
 
@@ -345,6 +359,7 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         stall_timeout=args.stall_timeout or None,
         auth_fail_limit=args.auth_fail_limit,
         auth_fail_window=args.auth_fail_window,
+        tunnels=_tunnels(args, groups),
     )
     relay = Relay(config)
     token_file = args.token_file
@@ -353,8 +368,7 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            if token_file is not None:
-                nursery.start_soon(_reload_tokens_on_sighup, relay, token_file)
+            nursery.start_soon(_reload_tokens_on_sighup, relay, token_file)
             await _run_with_admin(admin, relay.run)
             nursery.cancel_scope.cancel()
 
@@ -367,10 +381,65 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     return run
 
 
-async def _reload_tokens_on_sighup(relay: Relay, token_file: str) -> None:
-    """SIGHUP: read --token-file again; revoked tokens' agents are disconnected. A bad file changes nothing."""
+def _tunnel_specs(options: Sequence[str]) -> list[TunnelSpec]:
+    """`--tunnel NAME=host:H,prefix:/P,keep-prefix` (repeatable; one NAME given twice adds to it)."""
+    specs: dict[str, TunnelSpec] = {}
+    for text in options:
+        name, _, rules = text.partition("=")
+        if not TUNNEL_NAME.fullmatch(name):
+            raise ConfigError(f"--tunnel {text!r}: NAME is letters, digits, '.', '_', '-' (at most 63)")
+        token = os.environ.get(tunnel_token_env(name)) or None
+        if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+            raise ConfigError(f"${tunnel_token_env(name)}: the token must be printable ASCII without spaces")
+        spec = specs.get(name) or TunnelSpec(name, token)
+        for rule in filter(None, (item.strip() for item in rules.split(","))):
+            kind, _, value = rule.partition(":")
+            if kind == "host" and value:
+                spec = dataclasses.replace(spec, hosts=(*spec.hosts, value))
+            elif kind == "prefix" and value.startswith("/") and spec.path_prefix in (None, value):
+                spec = dataclasses.replace(spec, path_prefix=value)
+            elif rule == "keep-prefix":
+                spec = dataclasses.replace(spec, strip_prefix=False)
+            else:
+                raise ConfigError(
+                    f"--tunnel {text!r}: bad rule {rule!r} (host:HOSTNAME, prefix:/PATH or keep-prefix; "
+                    "one prefix per tunnel)"
+                )
+        specs[name] = spec
+    return list(specs.values())
+
+
+def _tunnels(args: argparse.Namespace, relay_groups: Sequence[TokenGroup]) -> tuple[Tunnel, ...]:
+    """The relay's named tunnels: --tunnel options if given (flags win), else the file's [[tunnel]] tables."""
+    from .registry import Tunnel, TunnelRouter
+
+    specs = _tunnel_specs(args.tunnel) if args.tunnel else list(getattr(args, "tunnels", ()))
+    tunnels = tuple(
+        Tunnel(s.name, s.hosts, s.path_prefix, s.strip_prefix, None if s.token is None else s.token.encode())
+        for s in specs
+    )
+    tokens = [t.token for t in tunnels if t.token is not None]
+    if len(set(tokens)) != len(tokens) or set(tokens) & {g.token for g in relay_groups}:
+        # A token must say which tunnel its agent serves: shared tokens would blur that.
+        raise ConfigError("--tunnel: every tunnel token must differ from the others and from --token")
+    prefixes = [t.path_prefix.rstrip("/") for t in tunnels if t.path_prefix is not None and not t.hosts]
+    if len(set(prefixes)) != len(prefixes):
+        raise ConfigError("--tunnel: two tunnels route the same path prefix")
+    try:
+        TunnelRouter(0, tunnels)  # checks names and hosts are unique
+    except ValueError as exc:
+        raise ConfigError(f"--tunnel: {exc}") from None
+    return tunnels
+
+
+async def _reload_tokens_on_sighup(relay: Relay, token_file: str | None) -> None:
+    """SIGHUP: read --token-file again; revoked tokens' agents are disconnected. A bad file changes nothing.
+    (Without a token file there is nothing to reload, but SIGHUP must not kill the relay either.)"""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
+            if token_file is None:
+                log.info("SIGHUP: no --token-file to reload")
+                continue
             try:
                 groups = read_token_file(token_file)
             except ConfigError as exc:
@@ -382,9 +451,11 @@ async def _reload_tokens_on_sighup(relay: Relay, token_file: str) -> None:
 def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     from protocol import Settings
 
-    from .agent import Agent, AgentConfig
+    from . import transport
+    from .agent import Agent, AgentConfig, Connector
     from .agent_http import ExchangeHandler
     from .allowlist import Allowlist, AllowRuleError
+    from .relay import TUNNEL_HEADER
     from .transport import parse_relay_url
 
     for url in args.relay_urls:
@@ -420,8 +491,14 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         dead_timeout=args.dead_timeout,
         connect_timeout=args.connect_timeout,
         settings=Settings(max_concurrent_streams=args.max_streams),
+        tunnel=args.tunnel,
     )
-    agent = Agent(config, handler)
+    connect: Connector = transport.connect
+    if args.tunnel is not None:
+        if not TUNNEL_NAME.fullmatch(args.tunnel):
+            raise ConfigError(f"--tunnel {args.tunnel!r}: letters, digits, '.', '_', '-' (at most 63)")
+        connect = functools.partial(transport.connect, extra_headers=((TUNNEL_HEADER, args.tunnel),))
+    agent = Agent(config, handler, connect=connect)
     handler.on_exchange = agent.metrics.record_exchange
     admin = _admin_server(args, agent.metrics)
     grace = args.grace

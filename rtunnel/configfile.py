@@ -9,9 +9,10 @@ Precedence: an option given on the command line > the file > $RTUNNEL_TOKEN > th
 set both in the file and in the environment is a contradiction (rather than a silent winner), as are two
 keys that exclude each other. Every problem is a `ConfigFileError` naming the file, the key and the reason.
 
-The relay's file may also hold `[[tunnel]]` tables (name, token, hosts, path_prefix), validated here and
-handed on as `args.tunnels`; routing by them is not implemented yet. A tunnel's token may come from
-$RTUNNEL_TUNNEL_<NAME>_TOKEN instead (NAME upper-cased, other characters as '_').
+The relay's file may also hold `[[tunnel]]` tables (name, token, hosts, path_prefix, strip_prefix), validated
+here and handed on as `args.tunnels` (the named tunnels, registry.Tunnel); `tunnel = ["NAME=RULE", ...]` in
+the `--tunnel` syntax works too. A tunnel's token may come from $RTUNNEL_TUNNEL_<NAME>_TOKEN instead (NAME
+upper-cased, other characters as '_').
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from typing import Any, Final, NoReturn
 
 from .config import ConfigError
 
-__all__ = ["ConfigFileError", "TunnelSpec", "describe_error", "option_keys", "parse_args"]
+__all__ = [
+    "TUNNEL_NAME",
+    "ConfigFileError",
+    "TunnelSpec",
+    "describe_error",
+    "option_keys",
+    "parse_args",
+    "tunnel_token_env",
+]
 
 # Options that make no sense inside a file.
 _NOT_KEYS: Final = frozenset({"help", "version", "config", "command"})
@@ -42,8 +51,8 @@ EXCLUSIVE: Final = (("token", "token_file"),)
 # Keys that need each other.
 TOGETHER: Final = (("tls_cert", "tls_key"),)
 TUNNEL_KEY: Final = "tunnel"
-_TUNNEL_KEYS: Final = ("name", "token", "hosts", "path_prefix")
-_TUNNEL_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_TUNNEL_KEYS: Final = ("name", "token", "hosts", "path_prefix", "strip_prefix")
+TUNNEL_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _OPTION_IN_TEXT: Final = re.compile(r"--[a-z][a-z0-9-]*")
 
 
@@ -61,6 +70,12 @@ class TunnelSpec:
     token: str | None = None
     hosts: tuple[str, ...] = ()
     path_prefix: str | None = None
+    strip_prefix: bool = True
+
+
+def tunnel_token_env(name: str) -> str:
+    """The environment variable that may hold tunnel `name`'s token."""
+    return "RTUNNEL_TUNNEL_" + re.sub(r"[^A-Z0-9]", "_", name.upper()) + "_TOKEN"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +240,7 @@ def _tunnels(file: _File, value: object) -> tuple[TunnelSpec, ...]:
             if key not in _TUNNEL_KEYS:
                 file.fail(f"unknown key (a tunnel has {', '.join(_TUNNEL_KEYS)})", f"{where}.{key}")
         name = table.get("name")
-        if not isinstance(name, str) or not _TUNNEL_NAME.fullmatch(name):
+        if not isinstance(name, str) or not TUNNEL_NAME.fullmatch(name):
             file.fail("a tunnel needs a name: letters, digits, '.', '_', '-' (at most 63)", f"{where}.name")
         if name in names:
             file.fail(f"tunnel name {name!r} is used twice", f"{where}.name")
@@ -233,7 +248,7 @@ def _tunnels(file: _File, value: object) -> tuple[TunnelSpec, ...]:
         token = table.get("token")
         if token is not None and (not isinstance(token, str) or not token or any(c.isspace() for c in token)):
             file.fail("expected a non-empty string without white space", f"{where}.token")
-        env_name = "RTUNNEL_TUNNEL_" + re.sub(r"[^A-Z0-9]", "_", name.upper()) + "_TOKEN"
+        env_name = tunnel_token_env(name)
         env_token = os.environ.get(env_name) or None
         if token is not None and env_token is not None and env_token != token:
             file.fail(
@@ -256,7 +271,10 @@ def _tunnels(file: _File, value: object) -> tuple[TunnelSpec, ...]:
             if prefix in prefixes_seen:
                 file.fail(f"already routed to tunnel {prefixes_seen[prefix]!r}", f"{where}.path_prefix")
             prefixes_seen[prefix] = name
-        specs.append(TunnelSpec(name, token or env_token, tuple(hosts), prefix))
+        strip = table.get("strip_prefix", True)
+        if not isinstance(strip, bool):
+            file.fail(f"expected true or false, got {_type_name(strip)}", f"{where}.strip_prefix")
+        specs.append(TunnelSpec(name, token or env_token, tuple(hosts), prefix, strip))
     return tuple(specs)
 
 
@@ -341,9 +359,17 @@ def _apply_file(
     tunnels: tuple[TunnelSpec, ...] = ()
     values: dict[str, object] = {}
     for key, value in data.items():
-        if key == TUNNEL_KEY and command == "serve" and (key not in options or isinstance(value, list)):
+        is_table_list = not (isinstance(value, list) and all(isinstance(item, str) for item in value))
+        if key == TUNNEL_KEY and command == "serve" and (key not in options or is_table_list):
+            # [[tunnel]] tables; an array of strings is the --tunnel option's own syntax.
             tunnels = _tunnels(file, value)
             continue
+        if key == TUNNEL_KEY and command != "serve" and isinstance(value, list):
+            file.fail(
+                "[[tunnel]] tables are an option of `rtunnel serve` (the relay); an agent names the tunnel "
+                'it serves with tunnel = "NAME"',
+                key,
+            )
         option = options.get(key)
         if option is None:
             _unknown(file, key, list(options), command, other_keys)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["check_raw_head"]
+__all__ = ["HeadChecker", "check_raw_head"]
 
 # Names that, spelled with "_" instead of "-", must never reach the upstream.
 _UNDERSCORE_SPOOFS: Final = frozenset(
@@ -42,58 +42,82 @@ _UNDERSCORE_SPOOFS: Final = frozenset(
 )
 
 
-def check_raw_head(buffer: bytes) -> tuple[int, str] | None:
-    """Check the request head at the start of `buffer` (which may hold only part of it, or more after it).
+class HeadChecker:
+    """Checks a request head as its bytes arrive; `problem` is (status, reason) once one is found.
 
-    Returns (status, reason) for the first problem found, or None: no problem in the part received so far.
-    Lines that are not complete yet are not judged; h11 parses the head after this check and refuses what
-    is malformed in other ways.
+    Incremental, so that a client trickling its head byte by byte costs one pass over it, not one per byte.
+    Lines that are not complete yet are not judged; h11 parses the head after this check and refuses what is
+    malformed in other ways. Bytes after the end of the head (a body, a pipelined request) are ignored.
     """
-    pos = 0
-    index = 0
-    codings: list[bytes] = []
-    has_te = False
-    version = b""
-    while True:
-        newline = buffer.find(b"\n", pos)
-        if newline == -1:
-            return None  # the head is not complete yet
-        line = buffer[pos:newline]
-        pos = newline + 1
+
+    def __init__(self) -> None:
+        self.problem: tuple[int, str] | None = None
+        self.complete = False
+        self._buffer = bytearray()
+        self._pos = 0  # start of the first line not judged yet
+        self._search = 0  # where to look for its end (no newline before this)
+        self._index = 0  # its line number (0: the request line)
+        self._version = b""
+        self._codings: list[bytes] | None = None  # None: no Transfer-Encoding seen
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self.complete or self.problem is not None:
+            return
+        self._buffer += data
+        while self.problem is None and not self.complete:
+            newline = self._buffer.find(b"\n", self._search)
+            if newline == -1:
+                self._search = len(self._buffer)
+                return
+            line = bytes(self._buffer[self._pos : newline])
+            self._pos = self._search = newline + 1
+            self.problem = self._line(line)
+            self._index += 1
+        self._buffer = bytearray()  # the head is judged: nothing more is needed
+
+    def _line(self, line: bytes) -> tuple[int, str] | None:
         if not line.endswith(b"\r"):
             return 400, "bare LF line ending in the request head"
         line = line[:-1]
         if b"\r" in line:
             return 400, "bare CR in the request head"
-        if index == 0:
+        if self._index == 0:
             if not line:
-                return None  # an empty line before the request line: h11 decides (it refuses it)
-            version = line.rsplit(b" ", 1)[-1]
-        elif not line:
-            break  # end of the head
-        elif line[:1] in (b" ", b"\t"):
+                self.complete = True  # an empty line before the request line: h11 decides (it refuses it)
+                return None
+            self._version = line.rsplit(b" ", 1)[-1]
+            return None
+        if not line:
+            self.complete = True
+            return self._framing()
+        if line[:1] in (b" ", b"\t"):
             return 400, "obsolete line folding (obs-fold) in a header"
-        else:
-            name, colon, value = line.partition(b":")
-            lower = name.lower()
-            if colon and b"_" in lower and lower.replace(b"_", b"-") in _UNDERSCORE_SPOOFS:
-                return (
-                    400,
-                    f"header name {name.decode('latin-1')!r} imitates {lower.replace(b'_', b'-').decode()}",
-                )
-            if lower == b"transfer-encoding":
-                has_te = True
-                codings += [c.strip(b" \t").lower() for c in value.split(b",")]
-        index += 1
-    if not has_te:
+        name, colon, value = line.partition(b":")
+        lower = name.lower()
+        if colon and b"_" in lower and lower.replace(b"_", b"-") in _UNDERSCORE_SPOOFS:
+            imitated = lower.replace(b"_", b"-").decode()
+            return 400, f"header name {name.decode('latin-1')!r} imitates {imitated}"
+        if lower == b"transfer-encoding":
+            self._codings = (self._codings or []) + [c.strip(b" \t").lower() for c in value.split(b",")]
         return None
-    if version == b"HTTP/1.0":
-        return 400, "Transfer-Encoding in an HTTP/1.0 request"
-    codings = [c for c in codings if c]  # empty list elements are ignored (RFC 9110 5.6.1)
-    if not codings or codings[-1] != b"chunked":
-        return 400, "chunked is not the final transfer coding"
-    if b"chunked" in codings[:-1]:
-        return 400, "chunked transfer coding applied more than once"
-    if len(codings) > 1:
-        return 501, "transfer codings other than chunked are not supported"
-    return None
+
+    def _framing(self) -> tuple[int, str] | None:
+        if self._codings is None:
+            return None
+        if self._version == b"HTTP/1.0":
+            return 400, "Transfer-Encoding in an HTTP/1.0 request"
+        codings = [c for c in self._codings if c]  # empty list elements are ignored (RFC 9110 5.6.1)
+        if not codings or codings[-1] != b"chunked":
+            return 400, "chunked is not the final transfer coding"
+        if b"chunked" in codings[:-1]:
+            return 400, "chunked transfer coding applied more than once"
+        if len(codings) > 1:
+            return 501, "transfer codings other than chunked are not supported"
+        return None
+
+
+def check_raw_head(buffer: bytes) -> tuple[int, str] | None:
+    """One-shot HeadChecker: the problem with the head at the start of `buffer`, or None (so far)."""
+    checker = HeadChecker()
+    checker.feed(buffer)
+    return checker.problem

@@ -116,6 +116,13 @@ class Metrics:
             not link.mux.is_closed and not link.mux.goaway_received for link in self.links.values()
         )
 
+    def ready_for(self, tunnel: str) -> bool:
+        """Like `ready`, for the links of one named tunnel only (`/readyz?tunnel=NAME`)."""
+        return not self.draining and any(
+            link.tunnel == tunnel and not link.mux.is_closed and not link.mux.goaway_received
+            for link in self.links.values()
+        )
+
     @property
     def flow_control_stalls(self) -> int:
         return self._retired_stalls + sum(mux.send_stalls for mux in self.links)
@@ -172,6 +179,17 @@ class _LiveCollector(Collector):
             if link.mux.rtt is not None:
                 rtt.add_metric([link.peer], link.mux.rtt)
         yield rtt
+        if any(link.tunnel is not None for link in links):
+            tunnels = GaugeMetricFamily(
+                "rtunnel_tunnel_links", "Tunnel connections up per named tunnel", labels=["tunnel"]
+            )
+            counts: dict[str, int] = {}
+            for link in links:
+                if link.tunnel is not None:
+                    counts[link.tunnel] = counts.get(link.tunnel, 0) + 1
+            for name, count in sorted(counts.items()):
+                tunnels.add_metric([name], count)
+            yield tunnels
         info = GaugeMetricFamily("rtunnel_info", "rtunnel version and role", labels=["version", "role"])
         info.add_metric([__version__, metrics.role], 1)
         yield info

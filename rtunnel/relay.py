@@ -1,4 +1,10 @@
-"""`rtunnel serve`: accept agents' WebSockets and clients' HTTP, and join them stream by stream."""
+"""`rtunnel serve`: accept agents' WebSockets and clients' HTTP, and join them stream by stream.
+
+Named tunnels: an agent names the tunnel it serves in its upgrade request (`X-Rtunnel-Tunnel: NAME`). A tunnel
+with its own token can be served with that token only, and that token serves nothing else; a tunnel without
+one is served with the relay's tokens (--token/--token-file). An agent that names no tunnel serves the one its
+token belongs to. A relay without tunnels refuses agents that name one (404): a misconfiguration must show.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import dataclasses
 import hmac
 import logging
 import ssl
+from collections.abc import Sequence
 from functools import partial
 
 import trio
@@ -18,7 +25,7 @@ from .config import TokenGroup
 from .limits import AuthThrottle, Counter
 from .metrics import Metrics
 from .mux import LinkDead, Multiplexer
-from .registry import AgentRegistry
+from .registry import AgentRegistry, Tunnel, TunnelRouter
 from .relay_http import ClientConnection, HttpLimits
 
 log = logging.getLogger("rtunnel.relay")
@@ -45,6 +52,20 @@ class RelayConfig:
     dead_timeout: float = 20.0
     # The relay opens streams and accepts none, so it grants agents no concurrent streams of their own.
     settings: Settings = dataclasses.field(default_factory=lambda: Settings(max_concurrent_streams=0))
+    # Named tunnels (none: one unnamed tunnel takes every request, as if tunnels did not exist).
+    tunnels: tuple[Tunnel, ...] = ()
+
+
+# The upgrade request header in which an agent names the tunnel it serves (`rtunnel dial --tunnel NAME`).
+TUNNEL_HEADER = "X-Rtunnel-Tunnel"
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentIdentity:
+    """Who an authenticated agent is: the token it presented and the tunnel it serves (None: unnamed)."""
+
+    group: TokenGroup
+    tunnel: str | None
 
 
 _NO_AUTH = TokenGroup("no authentication", b"")
@@ -69,7 +90,13 @@ def authenticate(groups: tuple[TokenGroup, ...], presented: bytes | None) -> Tok
 class Relay:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.registry = AgentRegistry(config.agent_wait)
+        self.router = TunnelRouter(config.agent_wait, config.tunnels)
+        # The tokens of tunnels that have their own; each serves its tunnel only.
+        self._tunnel_groups = {
+            t.name: TokenGroup(f"the token of tunnel {t.name!r}", t.token)
+            for t in config.tunnels
+            if t.token is not None
+        }
         self.metrics = Metrics("relay")
         self.http_address: tuple[str, int] | None = None
         self.agents_address: tuple[str, int] | None = None
@@ -91,13 +118,63 @@ class Relay:
         self._exchanges = Counter(per_key=limits.max_exchanges_per_ip)
         self._refusals_logged: set[str] = set()
 
+    @property
+    def registry(self) -> AgentRegistry:
+        """The agents of a relay without named tunnels (its one unnamed tunnel)."""
+        return self.router.registry(None)
+
+    def _all_groups(self) -> tuple[TokenGroup, ...]:
+        return (*self.token_groups, *self._tunnel_groups.values())
+
+    def _authenticate(self, presented: bytes | None) -> TokenGroup | None:
+        """The group of the presented token among the relay's and the tunnels' tokens (constant time).
+
+        Without relay tokens, tunnels that have no token of their own are open: any agent gets _NO_AUTH
+        (and _authorize keeps it away from tunnels that do have one)."""
+        matched = authenticate(self._all_groups(), presented)
+        if matched is None and not self.token_groups:
+            return _NO_AUTH
+        return matched
+
+    def _authorize(self, principal: object, headers: Sequence[tuple[bytes, bytes]]) -> object:
+        """The tunnel an authenticated agent may serve (an AgentIdentity), or why not (a Refusal)."""
+        assert isinstance(principal, TokenGroup)
+        names = [v for k, v in headers if k == TUNNEL_HEADER.lower().encode()]
+        if len(names) > 1:
+            return transport.Refusal(400, f"{TUNNEL_HEADER} given more than once")
+        name = names[0].decode("latin-1").strip() if names else None
+        tunnels = self.router.tunnels
+        own = next((n for n, g in self._tunnel_groups.items() if g is principal), None)
+        if not tunnels:
+            if name is not None:
+                return transport.Refusal(404, f"this relay has no named tunnels (asked for {name!r})")
+            return AgentIdentity(principal, None)
+        if name is None:
+            if own is None:
+                return transport.Refusal(
+                    403, "this relay serves named tunnels: name one (rtunnel dial --tunnel NAME)"
+                )
+            name = own
+        tunnel = tunnels.get(name)
+        if tunnel is None:
+            return transport.Refusal(404, f"no tunnel named {name[:100]!r} on this relay")
+        if tunnel.token is not None:
+            if own == name:
+                return AgentIdentity(principal, name)
+            if principal is _NO_AUTH:
+                return transport.Refusal(401, "missing or wrong token")
+            return transport.Refusal(403, f"this token may not serve tunnel {name!r}")
+        if own is not None:  # another tunnel's token
+            return transport.Refusal(403, f"this token may not serve tunnel {name!r}")
+        return AgentIdentity(principal, name)
+
     def reload_tokens(self, groups: tuple[TokenGroup, ...]) -> None:
         """Replace the accepted tokens (SIGHUP). Agents connected with a token no longer listed are
         disconnected at once; their new attempts get 401."""
         if not groups and self.token_groups:
             log.error("token reload: the new token list is empty; keeping the current tokens")
             return
-        kept = {group.token for group in groups}
+        kept = {group.token for group in (*groups, *self._tunnel_groups.values())}
         revoked = [(mux, *entry) for mux, entry in self._agent_groups.items() if entry[0].token not in kept]
         self.token_groups = groups
         log.info("tokens reloaded: %d accepted, %d connected agents revoked", len(groups), len(revoked))
@@ -115,7 +192,8 @@ class Relay:
                     self._on_agent,
                     config.agents_host,
                     config.agents_port,
-                    authenticate=lambda presented: authenticate(self.token_groups, presented),
+                    authenticate=self._authenticate,
+                    authorize=self._authorize,
                     ssl_context=config.ssl_context,
                     auth_throttle=self._auth_throttle,
                 )
@@ -130,8 +208,11 @@ class Relay:
                 *self.http_address,
                 *self.agents_address,
                 scheme,
-                "" if self.token_groups else " WITHOUT agent authentication (no token set)",
+                "" if self._all_groups() else " WITHOUT agent authentication (no token set)",
             )
+            if self._tunnel_groups and not self.token_groups:
+                for name in self.router.tunnels.keys() - self._tunnel_groups.keys():
+                    log.warning("tunnel %r has no token and the relay has none: any agent may serve it", name)
             task_status.started()
 
     async def _serve_http(
@@ -192,12 +273,16 @@ class Relay:
             stall_timeout=self.config.stall_timeout,
             name=f"agent {link.remote}",
         )
-        group = link.principal if isinstance(link.principal, TokenGroup) else _NO_AUTH
+        identity = link.principal
+        if not isinstance(identity, AgentIdentity):
+            identity = AgentIdentity(_NO_AUTH, None)
+        group, tunnel = identity.group, identity.tunnel
+        registry = self.router.registry(tunnel)
         goaway = trio.Event()
 
         def on_goaway() -> None:
             goaway.set()
-            self.registry.notify()  # waiting requests look for another agent
+            registry.notify()  # waiting requests look for another agent
 
         mux.on_goaway = on_goaway
         reason = ""
@@ -205,14 +290,16 @@ class Relay:
             async with trio.open_nursery() as nursery:
                 await nursery.start(mux.run)
                 self._agent_groups[mux] = (group, nursery.cancel_scope)
-                if group is not _NO_AUTH and group.token not in {g.token for g in self.token_groups}:
+                if group is not _NO_AUTH and group.token not in {g.token for g in self._all_groups()}:
                     # A SIGHUP revoked it while its handshake was in progress.
                     mux.abort(f"{group} was revoked")
                     nursery.cancel_scope.cancel()
                 else:
-                    self.registry.add(mux)
-                    self.metrics.link_up(mux, link.remote)
-                    log.info("agent connected from %s (%d connected)", link.remote, len(self.registry.agents))
+                    registry.add(mux)
+                    self.metrics.link_up(mux, link.remote, tunnel=tunnel)
+                    what = "" if tunnel is None else f" for tunnel {tunnel!r}"
+                    count = len(registry.agents)
+                    log.info("agent connected from %s%s (%d connected)", link.remote, what, count)
                     nursery.start_soon(self._close_when_drained, mux, goaway)
         except* (LinkDead, RemoteProtocolError, transport.TransportClosed) as errors:
             error = errors.exceptions[0]
@@ -223,10 +310,10 @@ class Relay:
             link.abort()  # a dead link would make a graceful close wait for a Close that never comes
         finally:
             self._agent_groups.pop(mux, None)
-            self.registry.remove(mux)
+            registry.remove(mux)
             self.metrics.link_down(mux)
         reason = reason or mux.close_reason
-        log.info("agent %s disconnected: %s (%d connected)", link.remote, reason, len(self.registry.agents))
+        log.info("agent %s disconnected: %s (%d connected)", link.remote, reason, len(registry.agents))
 
     @staticmethod
     async def _close_when_drained(mux: Multiplexer, goaway: trio.Event) -> None:
@@ -264,7 +351,7 @@ class Relay:
     async def _serve_client(self, stream: trio.SocketStream, client_ip: str) -> None:
         connection = ClientConnection(
             stream,
-            self.registry,
+            self.router,
             self.config.http_limits,
             client_ip=client_ip,
             on_exchange=self.metrics.record_exchange,

@@ -8,6 +8,7 @@ stream. Pipelined requests are read one at a time (h11 pauses after each), so th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -17,12 +18,13 @@ import trio
 
 from protocol import ErrorCode, RequestHead
 
-from .httpstrict import check_raw_head
+from .httpstrict import HeadChecker
 from .limits import Counter
 from .logs import Access, pick_request_id, with_request_id
 from .mux import Multiplexer, MuxStream, StreamReset
+from .passthrough import pump, upgrade_offer, with_upgrade
 from .proxyheaders import add_forwarding, strip_hop_by_hop
-from .registry import AgentRegistry, NoAgentAvailable
+from .registry import AgentRegistry, NoAgentAvailable, NoRoute, Route, TunnelRouter
 
 log = logging.getLogger("rtunnel.relay")
 access_log = logging.getLogger("rtunnel.relay.access")
@@ -80,7 +82,7 @@ class ClientConnection:
     def __init__(
         self,
         stream: trio.abc.Stream,
-        registry: AgentRegistry,
+        registry: AgentRegistry | TunnelRouter,
         limits: HttpLimits,
         *,
         client_ip: str,
@@ -91,7 +93,11 @@ class ClientConnection:
         self._stream = stream
         self._on_exchange = on_exchange  # called with each exchange's access record (metrics)
         self._request_id: str | None = None  # X-Request-Id of the exchange in progress
-        self._registry = registry
+        if isinstance(registry, AgentRegistry):  # one agent pool, no named tunnels (tests use this form)
+            router = TunnelRouter(registry.agent_wait)
+            router.registries[None] = registry
+            registry = router
+        self._router = registry
         self._limits = limits
         self._client_ip = client_ip
         self._scheme = scheme
@@ -100,6 +106,7 @@ class ClientConnection:
         self._exchanges = exchanges or Counter(per_key=limits.max_exchanges_per_ip)
         self._unfed = memoryview(b"")  # read from the client, not yet given to h11 (see FEED_SIZE)
         self._chunked = False  # the current request's body is chunked
+        self._head_checker = HeadChecker()  # strict checks on the raw head being received (httpstrict)
         self._holds_slot = False  # this connection's exchange counts in self._exchanges
         self.busy = False  # an exchange is in progress (the relay's drain waits for those)
         self.draining = False  # set by the relay's drain: close once the current exchange is done
@@ -135,8 +142,11 @@ class ClientConnection:
         state = self._h11.their_state
         careful = state is h11.IDLE or (state is h11.SEND_BODY and self._chunked)
         size = FEED_SIZE if careful else len(self._unfed)
-        self._h11.receive_data(bytes(self._unfed[:size]))
+        piece = bytes(self._unfed[:size])
         self._unfed = self._unfed[size:]
+        if state is h11.IDLE:
+            self._head_checker.feed(piece)
+        self._h11.receive_data(piece)
 
     async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
@@ -159,6 +169,8 @@ class ClientConnection:
 
     async def _next_request(self) -> h11.Request | None:
         self._chunked = False
+        self._head_checker = HeadChecker()
+        self._head_checker.feed(self._h11.trailing_data[0])  # a pipelined head already received
         self._request_id = None  # errors before the next exchange starts carry no id
         if self._h11.their_state is h11.IDLE and not self._has_pending_input():
             # A keep-alive connection between requests: idle time is allowed, up to idle_timeout. The head
@@ -187,10 +199,9 @@ class ClientConnection:
     async def _next_head_event(self) -> h11.Event | type[h11.PAUSED]:
         """Like _next_event, with the strict raw-head checks (httpstrict) run before h11 parses the head."""
         while True:
-            if self._h11.their_state is h11.IDLE:
-                problem = check_raw_head(self._h11.trailing_data[0])
-                if problem is not None:
-                    raise h11.RemoteProtocolError(problem[1], problem[0])
+            problem = self._head_checker.problem
+            if problem is not None:
+                raise h11.RemoteProtocolError(problem[1], problem[0])
             event = self._h11.next_event()
             if event is h11.NEED_DATA:
                 await self._receive_more()
@@ -215,25 +226,39 @@ class ClientConnection:
             # keep-alive connection could not start its next cycle (it would be closed after every GET).
             self._h11.next_event()
         self._chunked = any(name == b"transfer-encoding" for name, _ in request.headers)
+        route = self._route(request)
+        if isinstance(route, NoRoute):
+            await self._send_error(route.status, route.reason, close=route.status != 404)
+            self._log(request, route.status, 0, 0, started)
+            return route.status == 404 and self._h11.their_state is h11.DONE
+        # A protocol switch (SPEC 5.5) is tunnelled for a bodiless HTTP/1.1 request only; otherwise its
+        # Upgrade header is dropped like any hop-by-hop header and the request is ordinary HTTP.
+        offer = None
+        if not has_body and request.http_version == b"1.1":
+            offer = upgrade_offer(request.headers.raw_items())
         refusal = self._admit()
         if refusal is not None:
             status, reason = refusal
             await self._send_error(status, reason, retry_after=True)
             self._log(request, status, 0, 0, started)
             return self._h11.their_state is h11.DONE
-        head = self._build_head(request)
+        head = self._build_head(request, route, offer)
         replay = _Replay()
         attempt = possibly_processed = 0
         mux: Multiplexer | None = None  # the agent of the previous attempt
         while True:
             attempt += 1
             try:
-                mux, stream = await self._registry.open_exchange(head, end_stream=not has_body, avoid=mux)
+                # An upgrade request's direction stays open after its empty body: once switched, it carries
+                # the client's bytes.
+                end_stream = not has_body and offer is None
+                mux, stream = await route.registry.open_exchange(head, end_stream=end_stream, avoid=mux)
             except NoAgentAvailable as exc:
-                await self._send_error(503, f"no agent available: {exc}", retry_after=True)
+                what = "no agent available" if route.tunnel is None else f"tunnel {route.tunnel!r}"
+                await self._send_error(503, f"{what}: {exc}", retry_after=True)
                 self._log(request, 503, 0, 0, started)
                 return self._h11.their_state is h11.DONE
-            outcome = await self._run_exchange(request, stream, has_body, replay, mux)
+            outcome = await self._run_exchange(request, stream, has_body, replay, mux, offer is not None)
             stream.close()
             if outcome.retry:
                 possibly_processed += outcome.maybe_processed
@@ -257,14 +282,20 @@ class ClientConnection:
             return outcome.keep_alive
 
     async def _run_exchange(
-        self, request: h11.Request, stream: MuxStream, has_body: bool, replay: _Replay, mux: Multiplexer
+        self,
+        request: h11.Request,
+        stream: MuxStream,
+        has_body: bool,
+        replay: _Replay,
+        mux: Multiplexer,
+        upgrade: bool = False,
     ) -> _Outcome:
         outcome = _Outcome()
         wants_continue = self._h11.they_are_waiting_for_100_continue
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._request_side, stream, outcome, has_body, replay)
             try:
-                await self._relay_response(request, stream, outcome, wants_continue)
+                await self._relay_response(request, stream, outcome, wants_continue, upgrade)
             except StreamReset as exc:
                 self._on_reset(request, exc, outcome, has_body and replay.overflow, mux.is_closed)
             except _ClientGone:
@@ -277,7 +308,24 @@ class ClientConnection:
             outcome.abort = True
             if not outcome.head_sent:
                 outcome.status = 499  # the client left first: not a 502, which would blame the agent
+        elif outcome.switched and not outcome.abort:
+            await self._switched(stream, outcome)
         return outcome
+
+    async def _switched(self, stream: MuxStream, outcome: _Outcome) -> None:
+        """After a 101: raw bytes both ways until both sides closed (SPEC 5.5); the connection then ends.
+
+        No deadline applies: an idle WebSocket stays open as long as both of its ends keep it open."""
+        # Bytes the client sent behind its request head already belong to the new protocol: h11 holds those
+        # it was given, self._unfed those read but not yet given to it.
+        data, _ = self._h11.trailing_data
+        initial = data + bytes(self._unfed)
+        self._unfed = memoryview(b"")
+        pumped = await pump(stream, self._stream, initial=initial, what="client")
+        outcome.bytes_in, outcome.bytes_out = pumped.into_stream, pumped.out_of_stream
+        if pumped.error is not None:
+            log.info("protocol switch ended abnormally: %s", pumped.error)
+            outcome.abort = True
 
     def _on_reset(
         self, request: h11.Request, exc: StreamReset, outcome: _Outcome, body_lost: bool, link_gone: bool
@@ -315,6 +363,8 @@ class ClientConnection:
             while len(self._h11.trailing_data[0]) <= self._limits.max_head_size:
                 await self._receive_more()
         except _ClientGone:
+            if outcome.switched:
+                return  # a client that half-closed right after the 101: the byte pump sees the EOF again
             outcome.client_gone = True
             stream.reset(ErrorCode.CANCEL)
             return
@@ -370,7 +420,7 @@ class ClientConnection:
             return  # the response side reports it; the agent may have answered without the body
 
     async def _relay_response(
-        self, request: h11.Request, stream: MuxStream, outcome: _Outcome, wants_continue: bool
+        self, request: h11.Request, stream: MuxStream, outcome: _Outcome, wants_continue: bool, upgrade: bool
     ) -> None:
         while True:
             head = await stream.receive_reply()
@@ -386,10 +436,21 @@ class ClientConnection:
                 )
             )
         if head.status == 101:
-            # Protocol switches are not tunnelled yet (the agent answers 502 for them).
-            raise StreamReset(
-                ErrorCode.PROTOCOL_ERROR, remote=True, retryable=False, reason="101 unsupported"
-            )
+            if not upgrade:
+                why = "101 to a request without Upgrade"
+                raise StreamReset(ErrorCode.PROTOCOL_ERROR, remote=True, retryable=False, reason=why)
+            headers = strip_hop_by_hop(list(head.headers), keep_upgrade=True)
+            headers = with_request_id(headers, self._request_id)
+            outcome.switched = True  # from here on, the client's EOF is the end of its direction, not a leave
+            await self._send(h11.InformationalResponse(status_code=101, headers=headers, reason=head.reason))
+            outcome.head_sent = True
+            outcome.status = 101
+            return  # the caller stops reading HTTP from the client and pumps raw bytes
+        if upgrade:
+            # Declined (SPEC 5.5): end our direction, which stayed open for a switch, and go on as HTTP. A
+            # reset here shows up in the response's own reads.
+            with contextlib.suppress(StreamReset):
+                await stream.send_end()
         # The agent already stripped hop-by-hop headers and added Via; strip again since the agent is not trusted.
         headers = with_request_id(strip_hop_by_hop(list(head.headers)), self._request_id)
         if self.draining:
@@ -417,7 +478,7 @@ class ClientConnection:
         self._holds_slot = True
         budget = self._limits.max_buffered_bytes
         if budget is not None:
-            buffered = sum(mux.buffered_bytes for mux in self._registry.agents)
+            buffered = sum(mux.buffered_bytes for mux in self._router.agents)
             if buffered > budget:
                 log.warning("buffered stream data %d > budget %d: refusing new exchanges", buffered, budget)
                 return 503, "the relay is short of memory, try again later"
@@ -457,10 +518,14 @@ class ClientConnection:
                 return int(value) > 0
         return False
 
-    def _build_head(self, request: h11.Request) -> RequestHead:
+    def _route(self, request: h11.Request) -> Route | NoRoute:
+        host = next((value for name, value in request.headers if name == b"host"), None)
+        return self._router.route(host, request.target)
+
+    def _build_head(self, request: h11.Request, route: Route, offer: bytes | None) -> RequestHead:
         raw = list(request.headers.raw_items())
         host = next((value for name, value in raw if name.lower() == b"host"), None)
-        headers = strip_hop_by_hop(raw)
+        headers = with_upgrade(raw, offer)
         lengths = [value for name, value in request.headers if name == b"content-length"]
         if lengths:
             # h11 accepted only equal values ("3, 3", or the header twice): forward exactly one, in canonical
@@ -475,8 +540,8 @@ class ClientConnection:
                     canonical = b""
             headers = kept
         headers = add_forwarding(headers, client_ip=self._client_ip, proto=self._scheme, host=host)
-        headers = with_request_id(headers, self._request_id)
-        return RequestHead(request.method, request.target, tuple(headers))
+        headers = route.forwarded(with_request_id(headers, self._request_id))
+        return RequestHead(request.method, route.target, tuple(headers))
 
     async def _send(self, event: h11.Event) -> None:
         data = self._h11.send(event)
@@ -580,3 +645,4 @@ class _Outcome:
     body_status: int = 400
     pending_error: tuple[int, str] | None = None
     maybe_processed: bool = False  # retry: the agent may have processed it (see MAX_POSSIBLY_PROCESSED)
+    switched: bool = False  # a 101 went to the client: the connection now carries raw bytes

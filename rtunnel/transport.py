@@ -62,6 +62,7 @@ __all__ = [
     "SUBPROTOCOL",
     "AuthRejected",
     "ConnectError",
+    "Refusal",
     "Transport",
     "TransportClosed",
     "VersionMismatch",
@@ -121,6 +122,14 @@ class AuthRejected(ConnectError):
 
 class VersionMismatch(ConnectError):
     """The relay did not select rtunnel.v1 (426, or no/another subprotocol)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """What serve()'s `authorize` returns to refuse an upgrade: an HTTP status and a one-line text."""
+
+    status: int
+    text: str
 
 
 def _describe_stream_error(exc: BaseException) -> str:
@@ -495,9 +504,12 @@ async def connect(
     connect_timeout: float = 10,
     close_timeout: float = 5,
     max_message_size: int = MAX_MESSAGE_SIZE,
+    extra_headers: Sequence[tuple[str, str]] = (),
 ) -> AsyncIterator[Transport]:
     """Dial the relay and yield the Transport. Leaving the block normally closes it gracefully
     (bounded by close_timeout); leaving it with an exception (or cancelled) aborts it.
+
+    extra_headers: added to the upgrade request (e.g. the tunnel the agent serves).
 
     ssl_context: for wss:// (None = system CAs); must be None for ws://.
     Raises ValueError for a bad URL/token/context, ConnectError (or a subclass) when the link
@@ -512,7 +524,9 @@ async def connect(
     if scheme == "wss" and ssl_context is None:
         ssl_context = ssl.create_default_context()
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    dial = _Dial(host, port, path, target, token, ssl_context, close_timeout, max_message_size)
+    dial = _Dial(
+        host, port, path, target, token, ssl_context, close_timeout, max_message_size, tuple(extra_headers)
+    )
 
     phase = ["TCP connect"]  # what we were doing when the deadline hit
     transport: Transport | None = None
@@ -556,6 +570,7 @@ class _Dial:
     ssl_context: ssl.SSLContext | None
     close_timeout: float
     max_message_size: int
+    extra_headers: tuple[tuple[str, str], ...] = ()
 
     async def run(self, phase: list[str]) -> Transport:
         try:
@@ -589,6 +604,8 @@ class _Dial:
         request = proto.connect()
         if self.token is not None:
             request.headers["Authorization"] = "Bearer " + self.token
+        for name, value in self.extra_headers:
+            request.headers[name] = value
         proto.send_request(request)
         try:
             await stream.send_all(b"".join(proto.data_to_send()))
@@ -693,6 +710,7 @@ async def serve(
     authenticate: Callable[[bytes | None], object],
     ssl_context: ssl.SSLContext | None = None,
     auth_throttle: AuthThrottle | None = None,
+    authorize: Callable[[object, Sequence[tuple[bytes, bytes]]], object] | None = None,
     handshake_timeout: float = 10,
     close_timeout: float = 5,
     max_message_size: int = MAX_MESSAGE_SIZE,
@@ -705,6 +723,9 @@ async def serve(
     compare in constant time; a falsy result refuses the agent (401), anything else accepts it and
     becomes `transport.principal`. auth_throttle: failed attempts per source address, beyond
     which the address is refused with 429 for a while (checked before the token).
+    authorize (optional) then gets that principal and the upgrade request's headers (names in lower
+    case) and returns the link's principal, or a Refusal to answer instead (a 401 counts as a failed
+    authentication).
     The transport is closed gracefully when the handler returns; if the handler raises, the
     exception is logged (never fatal) and the transport aborted."""
     tcp_listeners = await trio.open_tcp_listeners(port, host=host)
@@ -716,7 +737,7 @@ async def serve(
         listeners = [trio.SSLListener(tcp, ssl_context, https_compatible=True) for tcp in tcp_listeners]
 
     acceptor = _Acceptor(
-        handler, authenticate, handshake_timeout, close_timeout, max_message_size, auth_throttle
+        handler, authenticate, handshake_timeout, close_timeout, max_message_size, auth_throttle, authorize
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, acceptor.serve_connection, listeners)
@@ -731,6 +752,7 @@ class _Acceptor:
     close_timeout: float
     max_message_size: int
     auth_throttle: AuthThrottle | None = None
+    authorize: Callable[[object, Sequence[tuple[bytes, bytes]]], object] | None = None
 
     async def serve_connection(self, stream: _SocketOrTLS) -> None:
         # Nothing but cancellation may escape: serve_listeners would take the whole server
@@ -824,7 +846,12 @@ class _Acceptor:
             return response, None
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.raw_items()]
         principal = self.authenticate(_bearer_token(headers))
-        if not principal:
+        if principal and self.authorize is not None:
+            principal = self.authorize(principal, headers)
+            if isinstance(principal, Refusal) and principal.status != 401:
+                logger.warning("rejected %s: %s (%d)", remote, principal.text, principal.status)
+                return proto.reject(principal.status, principal.text + "\n"), None
+        if not principal or isinstance(principal, Refusal):
             if throttle is not None:
                 throttle.failed(address, trio.current_time())
             logger.warning("rejected %s: missing or wrong token (401)", remote)

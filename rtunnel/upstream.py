@@ -177,9 +177,9 @@ class UpstreamConnection:
                         "upstream closed the connection in the middle of a response"
                     ) from None
                 if "_SWITCH_UPGRADE" in str(exc):
-                    # h11 refuses a 101 we did not ask for; the agent never asks (no Upgrade passthrough yet).
+                    # h11 accepts a 101 only in answer to a request that offered Upgrade (see agent_http).
                     raise UpstreamBroken(
-                        "upstream switched protocols (101): protocol switch not supported yet"
+                        "upstream switched protocols (101) for a request that did not ask to"
                     ) from None
                 raise UpstreamBroken(f"upstream sent an invalid response: {exc}") from None
             if event is h11.NEED_DATA:

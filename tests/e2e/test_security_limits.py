@@ -112,3 +112,23 @@ async def test_exchange_body_and_head_limits_answer_the_offender_only(upstream: 
         for key in ("a", "b"):
             assert (await honest.post(f"/release/{key}")).status_code == 200
     assert not {"/third", "/big", "/h"} & set(upstream.paths)
+
+
+async def test_an_agent_runs_at_most_max_streams_exchanges_at_once(upstream: Upstream, token: str) -> None:
+    async with (
+        run_relay(token, extra_args=["--agent-wait", "0.5"]) as relay,
+        run_agent(relay.agents_url, upstream.url, token=token, extra_args=["--max-streams", "1"]),
+        http_client(relay.http_url) as c,
+    ):
+        async with c.stream("GET", "/hold/only") as held:
+            chunks = held.aiter_raw()
+            assert await anext(chunks) == b"held\n"
+            # The agent granted the relay one stream: a second exchange waits --agent-wait, then 503.
+            r = await c.get("/second")
+            assert r.status_code == 503
+            assert "concurrent-stream limit" in r.text
+            assert (await c.post("/release/only")).status_code == 503  # the same limit, for any request
+            upstream.state.release("only")
+            assert b"".join([chunk async for chunk in chunks]) == b"released\n"
+        assert (await c.get("/third")).status_code == 200
+    assert "/second" not in upstream.paths

@@ -20,6 +20,8 @@ response starts, so every exchange leaves the connection reusable. Endpoints:
 ``GET /paths``                     JSON list of every request-target seen so far (this request included)
 ``GET /hold/<key>``                chunked: ``held\\n`` at once, ``released\\n`` after ``POST /release/<key>``
                                    (streaming tests without timing: read the first chunk, then release)
+``GET /events/<key>?n=K``          text/event-stream of K events; event i+1 is written only after
+                                   ``state.release("<key>.<i>")`` (or ``POST /release/<key>.<i>``)
 ``ANY /status/<code>``             that status (200..599), body ``status <code>\\n`` (none for 204/304)
 ``GET /abort``                     resets the connection (RST) without answering
 ``GET /abort?after=N``             head with Content-Length N+1, N bytes, then RST (a truncated response)
@@ -329,6 +331,15 @@ class _Conn:
             await self.respond_json(list(self.state.paths), head_only=head_only)
         elif get and len(parts) == 3 and parts[1] == "hold":
             await self.respond(200, self._hold(parts[2]), chunked=True, head_only=head_only)
+        elif get and len(parts) == 3 and parts[1] == "events":
+            await self.respond(
+                200,
+                self._events(parts[2], int(num("n", 3))),
+                content_type="text/event-stream",
+                extra=[("Cache-Control", "no-cache")],
+                chunked=True,
+                head_only=head_only,
+            )
         elif method == "POST" and len(parts) == 3 and parts[1] == "release":
             self.state.release(parts[2])
             await self.respond_json({"released": parts[2]})
@@ -358,6 +369,12 @@ class _Conn:
             raise _Abort
         else:
             await self.respond(200, target.encode("latin-1"), head_only=head_only)
+
+    async def _events(self, key: str, count: int) -> AsyncIterator[bytes]:
+        for i in range(count):
+            if i:
+                await self.state.release_event(f"{key}.{i - 1}").wait()
+            yield f"id: {i}\ndata: event {i}\n\n".encode()
 
     async def _hold(self, key: str) -> AsyncIterator[bytes]:
         yield b"held\n"

@@ -233,7 +233,15 @@ async def test_invalid_upstream_response_is_502() -> None:
     assert b"invalid response" in result.body
 
 
-async def test_upstream_101_is_answered_502() -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],  # no Upgrade at all
+        [(b"Upgrade", b"h2c"), (b"Connection", b"upgrade")],  # h2c is never offered onward
+        [(b"Upgrade", b"websocket")],  # Upgrade without Connection: upgrade is not a switch request
+    ],
+)
+async def test_unrequested_101_is_answered_502(headers: list[tuple[bytes, bytes]]) -> None:
     async def switches(stream: trio.SocketStream, index: int) -> None:
         await ServerConn(stream).read_request()
         await stream.send_all(
@@ -242,11 +250,9 @@ async def test_upstream_101_is_answered_502() -> None:
         await trio.sleep_forever()
 
     async with scripted_upstream(switches) as url, tunnel(url) as t:
-        result = await call(
-            t.relay, b"GET", b"/ws", headers=[(b"Upgrade", b"websocket"), (b"Connection", b"upgrade")]
-        )
+        result = await call(t.relay, b"GET", b"/ws", headers=headers)
     assert result.status == 502
-    assert b"protocol switch not supported yet" in result.body
+    assert b"switched protocols (101) for a request that did not ask to" in result.body
 
 
 async def test_upstream_that_stops_reading_the_body_is_504() -> None:

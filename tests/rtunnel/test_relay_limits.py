@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from protocol import ErrorCode, RequestHead, ResponseHead, Role, Settings
+from rtunnel.limits import AuthThrottle
 from rtunnel.mux import Multiplexer, MuxStream, StreamReset
 from rtunnel.relay import Relay, RelayConfig
 from rtunnel.relay_http import HttpLimits
@@ -71,6 +72,27 @@ async def test_ambiguous_framing_is_refused_and_the_connection_closed(raw: bytes
         assert got == status
         assert (b"connection", b"close") in headers
         assert await client.closed()
+        assert rig.agent.seen == []
+
+
+TRICKLED = [
+    "te-chunked-identity",
+    "obs-fold-space",
+    "bare-lf-one-line",
+    "bare-cr-value",
+    "underscore-content-length",
+]
+
+
+@pytest.mark.parametrize("case", TRICKLED)
+async def test_the_strict_head_checks_hold_when_the_head_arrives_byte_by_byte(case: str) -> None:
+    raw, status = next((raw, status) for name, raw, status in REFUSED_HEADS if name == case)
+    async with relay_rig() as rig:
+        client = await rig.connect()
+        for i in range(len(raw)):
+            if not await client.send(raw[i : i + 1]):
+                break  # refused before the end: fine
+        assert (await client.response())[0] == status
         assert rig.agent.seen == []
 
 
@@ -416,3 +438,26 @@ async def test_the_http_listener_limits_connections_in_total_and_per_address(nur
             await trio.sleep(0.01)
     for stream in (*held, over_address, over_total, retry):
         await stream.aclose()
+
+
+# --- the failed-authentication throttle (rtunnel.limits) ----------------------------------------------------
+
+
+def test_the_auth_throttle_blocks_an_address_for_its_window_only() -> None:
+    throttle = AuthThrottle(max_failures=3, window=60)
+    for now in (0.0, 10.0, 20.0):
+        assert throttle.retry_after("198.51.100.7", now) is None
+        throttle.failed("198.51.100.7", now)
+    assert throttle.retry_after("198.51.100.7", 21.0) == 39.0  # until the first failure is 60 s old
+    assert throttle.retry_after("203.0.113.9", 21.0) is None  # other addresses are not affected
+    assert throttle.retry_after("198.51.100.7", 60.0) is None  # the oldest failure aged out
+    throttle.failed("198.51.100.7", 61.0)
+    assert throttle.retry_after("198.51.100.7", 61.0) == 9.0  # failures at 10, 20, 61: blocked until 70
+
+
+def test_the_auth_throttle_forgets_the_oldest_addresses_first() -> None:
+    throttle = AuthThrottle(max_failures=1, window=60, max_addresses=100)
+    for i in range(1000):
+        throttle.failed(f"10.0.{i // 256}.{i % 256}", 0.0)
+    assert throttle.retry_after("10.0.3.231", 1.0) is not None  # the most recent one is still blocked
+    assert throttle.retry_after("10.0.0.0", 1.0) is None  # memory is bounded: the oldest were dropped
