@@ -27,7 +27,7 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .config import ConfigError
+from .config import parse_address
 from .metrics import Metrics
 
 __all__ = ["DEFAULT_ADMIN", "AdminServer", "format_status", "parse_admin_address", "run_status"]
@@ -43,17 +43,7 @@ MAX_REQUEST_BODY: Final = 64 * 1024
 
 def parse_admin_address(text: str, option: str = "--admin") -> tuple[str, int]:
     """'HOST:PORT', ':PORT' or 'PORT' (host 127.0.0.1: the admin endpoint is local unless asked otherwise)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "", text
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"{option}: expected [HOST:]PORT, got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{option}: port {port} is outside 0..65535")
-    return host, port
+    return parse_address(text, option, default_host="127.0.0.1")
 
 
 class AdminServer:

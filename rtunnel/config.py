@@ -12,16 +12,24 @@ class ConfigError(Exception):
     """Bad configuration: the CLI prints the message and exits non-zero, without a traceback."""
 
 
-def parse_address(text: str, option: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[V6]:PORT' -> (host, port). Port 0 asks the OS for a free port."""
+def parse_address(text: str, option: str, *, default_host: str | None = None) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port). Port 0 asks the OS for a free port.
+
+    With `default_host`, ':PORT' and a bare 'PORT' are accepted too and bind to that host.
+    """
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
+    if not sep and default_host is not None:
+        port_text = text
+    elif not sep or (not host and default_host is None):
         raise ConfigError(f"{option}: expected HOST:PORT, got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    host = host or (default_host or "")
     try:
         port = int(port_text)
     except ValueError:
+        if default_host is not None:
+            raise ConfigError(f"{option}: expected [HOST:]PORT, got {text!r}") from None
         raise ConfigError(f"{option}: port {port_text!r} is not a number") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"{option}: port {port} is outside 0..65535")
