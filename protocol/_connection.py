@@ -140,6 +140,7 @@ class Connection(_Receiving):
             view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
             stream.outbound.append(view)
             stream.outbound_bytes += len(view)
+            self.outbound_total += len(view)
         if end_stream:
             stream.send_side = Side.CLOSED
             stream.end_pending = True
@@ -291,6 +292,7 @@ class Connection(_Receiving):
                     stream.outbound_bytes -= size
                 else:
                     out.extend(stream.take(size))
+                self.outbound_total -= size
                 budget -= _HEADER_SIZE + size
             elif flags:
                 append(_pack_header(_DATA, flags, stream_id))

@@ -76,6 +76,8 @@ class _ConnectionCore:
 
         # The runtime compares this with what it managed to write to learn which OPENs never left (SPEC 10).
         self.highest_emitted_local_stream_id = 0
+        # Octets handed to send_data and not yet framed, over all streams (the runtime's memory accounting).
+        self.outbound_total = 0
         self._goaway_sent = False
         self._goaway_last_sent = 0  # last-stream-id of our first GOAWAY; later ones repeat it
         self._goaway_received_last: int | None = None
@@ -108,6 +110,7 @@ class _ConnectionCore:
         del self._streams[stream.stream_id]
         self._deactivate(stream)
         stream.outbound.clear()
+        self.outbound_total -= stream.outbound_bytes
         stream.outbound_bytes = 0
         stream.end_pending = False
         stream.trailers_pending = None
@@ -192,6 +195,7 @@ class _ConnectionCore:
         self.state = ConnectionState.CLOSED
         self._send_queue.clear()
         self._streams.clear()
+        self.outbound_total = 0
         # Nothing queued before the failure may follow it out (an OPEN sent after we declared the connection
         # dead could be processed by a peer that has not read the GOAWAY yet): the GOAWAY goes alone.
         self._control.clear()

@@ -272,22 +272,24 @@ class _Exchange:
         released = False
         try:
             try:
-                await conn.send(request, stall_timeout=att.response_timeout)
-                if body is None:
-                    await conn.send(h11.EndOfMessage(), stall_timeout=att.response_timeout)
+                if body is None:  # head and end in one write
+                    await conn.send(request, h11.EndOfMessage(), stall_timeout=att.response_timeout)
+                else:
+                    await conn.send(request, stall_timeout=att.response_timeout)
             except UpstreamBroken as exc:
                 att.failure = exc
             except UpstreamStalled as exc:
                 att.timed_out = str(exc)
             else:
-                async with trio.open_nursery() as nursery:
-                    if body is None:
-                        att.request_sent()
-                    else:
-                        nursery.start_soon(self.send_body, att, body, nursery.cancel_scope)
+                if body is None:
+                    att.request_sent()
                     await self.read_response(att)
-                    # Response done or failed: a body still being sent is of no use any more.
-                    nursery.cancel_scope.cancel()
+                else:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self.send_body, att, body, nursery.cancel_scope)
+                        await self.read_response(att)
+                        # Response done or failed: a body still being sent is of no use any more.
+                        nursery.cancel_scope.cancel()
             if self.relay_reset is not None:
                 raise self.relay_reset
             if att.switched:
@@ -391,8 +393,11 @@ class _Exchange:
                 event = await conn.next_event()
                 if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
                     # h11 accepts a 101 only in answer to our Upgrade: it ends HTTP on this connection.
-                    switch = response_headers_for_client(event.headers.raw_items(), keep_upgrade=True)
-                    await self.stream.send_reply(ResponseHead(101, event.reason[:_MAX_REASON], tuple(switch)))
+                    kept = tuple(response_headers_for_client(event.headers.raw_items(), keep_upgrade=True))
+                    try:
+                        await self.stream.send_reply(ResponseHead(101, event.reason[:_MAX_REASON], kept))
+                    except LocalProtocolError as exc:
+                        raise UpstreamBroken(f"upstream 101 head cannot be forwarded: {exc}") from None
                     att.final_received = att.switched = True
                     self.status = 101
                     return
@@ -489,13 +494,6 @@ class _Exchange:
         self.finished = True
         self.stream.reset(code)
 
-    async def watch_reset(self, scope: trio.CancelScope) -> None:
-        """Cancel the exchange as soon as the relay abandons the stream, whatever we are waiting on."""
-        error = await self.stream.wait_reset()
-        if not self.finished and self.relay_reset is None:
-            self.relay_reset = error
-        scope.cancel()
-
 
 def _log_path(target: bytes) -> str:
     """The path for the access log: no query (it may carry secrets), no raw control characters."""
@@ -540,16 +538,16 @@ class ExchangeHandler:
         started = trio.current_time()
         exchange = _Exchange(self, stream, head)
         try:
+            # The relay may abandon the stream while we wait on the upstream: cancel at once whatever we wait on.
             with trio.CancelScope() as scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(exchange.watch_reset, scope)
-                    try:
-                        await exchange.run()
-                    except StreamReset as exc:
-                        if exchange.relay_reset is None:
-                            exchange.relay_reset = exc
-                    finally:
-                        nursery.cancel_scope.cancel()
+                stream.cancel_on_reset(scope)
+                try:
+                    await exchange.run()
+                except StreamReset as exc:
+                    if exchange.relay_reset is None:
+                        exchange.relay_reset = exc
+            if scope.cancelled_caught and not exchange.finished and exchange.relay_reset is None:
+                exchange.relay_reset = stream.error
         finally:
             self._log(exchange, stream, started)
 

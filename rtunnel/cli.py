@@ -455,7 +455,7 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     from .agent import Agent, AgentConfig, Connector
     from .agent_http import ExchangeHandler
     from .allowlist import Allowlist, AllowRuleError
-    from .relay import TUNNEL_HEADER
+    from .relay import STREAM_WINDOW, TUNNEL_HEADER
     from .transport import parse_relay_url
 
     for url in args.relay_urls:
@@ -490,7 +490,7 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         ping_interval=args.ping_interval,
         dead_timeout=args.dead_timeout,
         connect_timeout=args.connect_timeout,
-        settings=Settings(max_concurrent_streams=args.max_streams),
+        settings=Settings(max_concurrent_streams=args.max_streams, initial_stream_window=STREAM_WINDOW),
         tunnel=args.tunnel,
     )
     connect: Connector = transport.connect

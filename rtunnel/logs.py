@@ -65,7 +65,7 @@ def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Access:
     """One exchange as the access log and the metrics see it.
 
@@ -82,7 +82,16 @@ class Access:
     request_id: str | None
 
     def extra(self, **more: object) -> dict[str, object]:
-        fields: dict[str, object] = dataclasses.asdict(self)
+        # Built by hand: dataclasses.asdict deep-copies and showed up in profiles of small requests.
+        fields: dict[str, object] = {
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "duration_ms": self.duration_ms,
+            "request_id": self.request_id,
+        }
         fields.update((key, value) for key, value in more.items() if value is not None)
         return fields
 

@@ -111,6 +111,7 @@ class MuxStream:
         # Set once, on failure; any number of tasks may wait on it (unlike _readable/_writable, which belong
         # to the one reader and the one writer of the stream).
         self._failed = trio.Event()
+        self._cancel_on_fail: list[trio.CancelScope] = []
         self.closed = False
         self._sent_end = False
         self._stalled_since: float | None = None  # since when data waits for a window the peer won't open
@@ -167,12 +168,19 @@ class MuxStream:
 
     async def receive_data(self, max_bytes: int = 65536) -> bytes:
         """Next bytes of the peer's direction; b"" once it ended. Credits the window as bytes are taken."""
-        while not self._chunks:
+        while (data := self.receive_data_nowait(max_bytes)) is None:
+            await self._wait_readable()
+        return data
+
+    def receive_data_nowait(self, max_bytes: int = 65536) -> bytes | None:
+        """Like receive_data, but None instead of waiting: lets a caller batch what already arrived (a small
+        response's head, body and end) into one socket write."""
+        if not self._chunks:
             if self._ended:
                 return b""  # complete: a RESET that came after END_STREAM takes nothing away
             if self._error is not None:
                 raise self._error
-            await self._wait_readable()
+            return None
         chunk = self._chunks[0]
         if len(chunk) <= max_bytes:
             self._chunks.popleft()
@@ -181,6 +189,8 @@ class MuxStream:
             chunk = chunk[:max_bytes]
         size = len(chunk)
         self._buffered -= size
+        if not self.closed:  # a forgotten stream's bytes already left the total
+            self._mux._buffered_total -= size
         self.bytes_received += size
         mux = self._mux
         if mux._conn.state is not ConnectionState.CLOSED:
@@ -201,6 +211,18 @@ class MuxStream:
         """
         await self._failed.wait()
         assert self._error is not None
+        return self._error
+
+    def cancel_on_reset(self, scope: trio.CancelScope) -> None:
+        """Cancel `scope` when the stream fails, like a task in wait_reset would, without the task: the agent
+        does this for every exchange, and a task plus a nursery per exchange showed in profiles."""
+        if self._error is not None:
+            scope.cancel()
+        else:
+            self._cancel_on_fail.append(scope)
+
+    @property
+    def error(self) -> StreamReset | None:
         return self._error
 
     def reset(self, code: ErrorCode = ErrorCode.CANCEL) -> None:
@@ -259,6 +281,9 @@ class MuxStream:
         self._readable.set()
         self._writable.set()
         self._failed.set()
+        for scope in self._cancel_on_fail:
+            scope.cancel()
+        self._cancel_on_fail.clear()
 
 
 class Multiplexer:
@@ -283,6 +308,7 @@ class Multiplexer:
         self._handler = handler
         self._streams: dict[int, MuxStream] = {}
         self._blocked_writers: set[MuxStream] = set()
+        self._buffered_total = 0  # received and not yet consumed, over all streams
         # Streams to reset with NO_ERROR once our END_STREAM on them has been written (see MuxStream.close).
         self._reset_after_flush: list[int] = []
         self._writer_wakeup = trio.Event()
@@ -319,8 +345,8 @@ class Multiplexer:
     def buffered_bytes(self) -> int:
         """Stream data held in memory for this connection: received and not yet consumed, plus handed to
         send_data and not yet framed (the relay's memory budget sums this over its agents)."""
-        conn = self._conn
-        return sum(s._buffered + conn.outbound_buffered(s.stream_id) for s in self._streams.values())
+        # Both are running totals: this is asked for on every new exchange, with thousands of streams open.
+        return self._buffered_total + self._conn.outbound_total
 
     @property
     def accepting_streams(self) -> bool:
@@ -438,6 +464,7 @@ class Multiplexer:
                         continue
                     stream._chunks.append(event.data)
                     stream._buffered += len(event.data)
+                    self._buffered_total += len(event.data)
                     stream._readable.set()
                 else:
                     self._dispatch(event)
@@ -603,6 +630,8 @@ class Multiplexer:
         self._reset_after_flush = still_waiting
 
     def _forget(self, stream: MuxStream) -> None:
+        if not stream.closed:
+            self._buffered_total -= stream._buffered
         stream.closed = True
         self._blocked_writers.discard(stream)
         if self._streams.pop(stream.stream_id, None) is not None:
@@ -626,6 +655,7 @@ class Multiplexer:
             )
             stream.closed = True
         self._streams.clear()
+        self._buffered_total = 0
         self._blocked_writers.clear()
         self._ready.set()
         self._stream_slot.set()

@@ -25,19 +25,14 @@ from .mux import Multiplexer, MuxStream, StreamReset
 from .passthrough import pump, upgrade_offer, with_upgrade
 from .proxyheaders import add_forwarding, strip_hop_by_hop
 from .registry import AgentRegistry, NoAgentAvailable, NoRoute, Route, TunnelRouter
+from .retry import MAX_ATTEMPTS, MAX_POSSIBLY_PROCESSED, on_reset
+from .retry import Outcome as _Outcome
+from .retry import Replay as _Replay
 
 log = logging.getLogger("rtunnel.relay")
 access_log = logging.getLogger("rtunnel.relay.access")
 
 READ_SIZE = 65536
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-# SPEC 10 says which requests may be sent again at all. One is sent at most MAX_ATTEMPTS times in all, and one
-# that may have reached the upstream (idempotent, link lost) at most twice: a request that kills its agent
-# must not go on to kill every other agent.
-MAX_ATTEMPTS = 5
-MAX_POSSIBLY_PROCESSED = 2
-# Request bodies up to this size are held until the exchange ends, so that a refused request can be resent.
-REPLAY_LIMIT = 64 * 1024
 
 
 # The client's bytes are handed to h11 in slices of at most this size while a head or a chunk-size line is
@@ -297,7 +292,7 @@ class ClientConnection:
             try:
                 await self._relay_response(request, stream, outcome, wants_continue, upgrade)
             except StreamReset as exc:
-                self._on_reset(request, exc, outcome, has_body and replay.overflow, mux.is_closed)
+                on_reset(request.method, exc, outcome, has_body and replay.overflow, mux.is_closed)
             except _ClientGone:
                 stream.reset(ErrorCode.CANCEL)
                 outcome.abort = True
@@ -326,28 +321,6 @@ class ClientConnection:
         if pumped.error is not None:
             log.info("protocol switch ended abnormally: %s", pumped.error)
             outcome.abort = True
-
-    def _on_reset(
-        self, request: h11.Request, exc: StreamReset, outcome: _Outcome, body_lost: bool, link_gone: bool
-    ) -> None:
-        """SPEC 10.1, retry rule. `body_lost`: part of the request body was sent and is no longer held;
-        `link_gone`: the agent's connection has ended (rather than this one stream being reset)."""
-        if outcome.head_sent:
-            # Part of the response is out: the only honest signal left is to break the connection.
-            outcome.abort = True
-            return
-        lost_link = link_gone and not exc.remote
-        what = "the agent's connection was lost" if lost_link else "the agent did not complete the exchange"
-        outcome.pending_error = (502, f"{what}: {exc}")
-        if outcome.client_gone or outcome.body_error is not None:
-            return  # we reset it ourselves; the caller answers (or not) for the client's side
-        # Never processed -> always safe; possibly processed -> only an idempotent request whose link died
-        # (not one the agent failed on purpose), since nothing of the response reached the client.
-        safe = exc.retryable or (request.method in IDEMPOTENT and lost_link)
-        if safe and not body_lost:
-            outcome.retry = True
-            outcome.maybe_processed = not exc.retryable
-            outcome.why = str(exc)
 
     async def _request_side(
         self, stream: MuxStream, outcome: _Outcome, has_body: bool, replay: _Replay
@@ -455,17 +428,28 @@ class ClientConnection:
         headers = with_request_id(strip_hop_by_hop(list(head.headers)), self._request_id)
         if self.draining:
             headers.append((b"Connection", b"close"))  # the relay is shutting down: no next request here
-        await self._send(h11.Response(status_code=head.status, headers=headers, reason=head.reason))
+        # Whatever already arrived goes out in one write with the head: a small response (head, body, end in
+        # one WebSocket message) then costs one send instead of three.
+        pending: list[bytes | None] = [
+            self._h11.send(h11.Response(status_code=head.status, headers=headers, reason=head.reason))
+        ]
         outcome.head_sent = True
         outcome.status = head.status
+        held = 0  # batched bytes are out of the mux's memory accounting: keep them to one read's worth
         while True:
-            chunk = await stream.receive_data(READ_SIZE)
+            chunk = stream.receive_data_nowait(READ_SIZE) if held < READ_SIZE else None
+            if chunk is None:
+                await self._send_bytes(pending)
+                pending, held = [], 0
+                chunk = await stream.receive_data(READ_SIZE)
             if not chunk:
                 break
             outcome.bytes_out += len(chunk)
-            await self._send(h11.Data(data=chunk))
+            held += len(chunk)
+            pending.append(self._h11.send(h11.Data(data=chunk)))
         trailers = stream.trailers or ()
-        await self._send(h11.EndOfMessage(headers=list(trailers)))
+        pending.append(self._h11.send(h11.EndOfMessage(headers=list(trailers))))
+        await self._send_bytes(pending)
         outcome.keep_alive = True
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -546,6 +530,13 @@ class ClientConnection:
     async def _send(self, event: h11.Event) -> None:
         data = self._h11.send(event)
         if data:
+            await self._send_bytes([data])
+
+    async def _send_bytes(self, pieces: list[bytes | None]) -> None:
+        data = (
+            b"".join(piece for piece in pieces if piece) if len(pieces) > 1 else pieces[0] if pieces else None
+        )
+        if data:
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -608,41 +599,3 @@ class ClientConnection:
         )
         if self._on_exchange is not None:
             self._on_exchange(access)
-
-
-@dataclasses.dataclass
-class _Replay:
-    """The request body read from the client so far, held (up to REPLAY_LIMIT) so that a request whose
-    stream was refused, or lost before the agent could have processed it, can be sent again (SPEC 10)."""
-
-    held: bytearray = dataclasses.field(default_factory=bytearray)
-    overflow: bool = False  # more was read than is held: the body cannot be replayed
-    complete: bool = False  # the client's EndOfMessage was read
-    trailers: list[tuple[bytes, bytes]] | None = None
-
-    def hold(self, data: bytes) -> None:
-        if self.overflow:
-            return
-        if len(self.held) + len(data) > REPLAY_LIMIT:
-            self.overflow = True
-            self.held = bytearray()
-        else:
-            self.held += data
-
-
-@dataclasses.dataclass
-class _Outcome:
-    status: int = 502
-    bytes_in: int = 0
-    bytes_out: int = 0
-    head_sent: bool = False
-    keep_alive: bool = False
-    abort: bool = False
-    retry: bool = False
-    why: str = ""
-    client_gone: bool = False
-    body_error: str | None = None
-    body_status: int = 400
-    pending_error: tuple[int, str] | None = None
-    maybe_processed: bool = False  # retry: the agent may have processed it (see MAX_POSSIBLY_PROCESSED)
-    switched: bool = False  # a 101 went to the client: the connection now carries raw bytes

@@ -148,10 +148,12 @@ class UpstreamConnection:
     def reused(self) -> bool:
         return self.exchanges > 0
 
-    async def send(self, event: h11.Event, *, stall_timeout: float) -> None:
-        """Send one event. Raises h11.LocalProtocolError (bad event, e.g. body longer than Content-Length),
-        UpstreamStalled or UpstreamBroken."""
+    async def send(self, event: h11.Event, *more: h11.Event, stall_timeout: float) -> None:
+        """Send events in one write. Raises h11.LocalProtocolError (bad event, e.g. body longer than
+        Content-Length), UpstreamStalled or UpstreamBroken."""
         data = self.h11.send(event)
+        if more:
+            data = b"".join([data or b"", *(self.h11.send(extra) or b"" for extra in more)])
         if not data:
             return
         self.broken = True

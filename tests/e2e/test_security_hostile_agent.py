@@ -17,6 +17,7 @@ import trio
 
 from protocol import ErrorCode, RequestHead, Settings
 from protocol._frames import encode_request_head
+from rtunnel.relay import STREAM_WINDOW
 from tests.hostile import DATA, OPEN, RESET, WINDOW_UPDATE, HostileAgent, frame, hostile_agent, u32
 
 from .procs import Relay, http_client, run_agent, run_relay
@@ -161,7 +162,8 @@ async def test_lying_about_windows(upstream: Upstream, token: str) -> None:
             opened = await bad.wait_for(OPEN)
             sid = opened.stream_id
             reply = b"\x00\xc8\x02OK\x00\x00"  # 200 OK, no headers
-            too_much = [frame(DATA, 0, sid, bytes(16384)) for _ in range(17)]  # 272 KiB > 256 KiB window
+            frames_over = STREAM_WINDOW // 16384 + 1  # one frame more than the relay's stream window
+            too_much = [frame(DATA, 0, sid, bytes(16384)) for _ in range(frames_over)]
             await bad.send(frame(REPLY, 0, sid, reply), *too_much)
             reset = await bad.wait_for(RESET)
             assert (reset.stream_id, reset.error_code) == (sid, ErrorCode.FLOW_CONTROL_ERROR)

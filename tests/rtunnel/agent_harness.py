@@ -18,7 +18,7 @@ import trio
 from protocol import RequestHead, Role
 from rtunnel.agent_http import ExchangeHandler
 from rtunnel.allowlist import Allowlist
-from rtunnel.mux import Multiplexer
+from rtunnel.mux import Multiplexer, StreamReset
 
 from .memtransport import memory_transport_pair
 
@@ -96,9 +96,12 @@ async def call(
     received = bytearray()
 
     async def send_body() -> None:
-        for piece in pieces:
-            await stream.send_data(piece)
-        await stream.send_end()
+        # Like the relay: an agent that answered without reading the body (403, 413...) refuses the rest of
+        # it with RESET(NO_ERROR) once its response is out; the response side still reads that response.
+        with contextlib.suppress(StreamReset):
+            for piece in pieces:
+                await stream.send_data(piece)
+            await stream.send_end()
 
     try:
         async with trio.open_nursery() as nursery:
