@@ -59,6 +59,9 @@ log = logging.getLogger("rtunnel.mux")
 MAX_MESSAGE = 256 * 1024
 # A stream's writer waits once this much of its data is queued in the core but not yet framed.
 SEND_HIGH_WATER = 128 * 1024
+# Response heads (interim 1xx ones, any number of which may precede the final one) received on one stream and
+# not yet taken by receive_reply: beyond this, the stream is reset.
+MAX_PENDING_REPLIES = 64
 
 _PING = struct.Struct(">Q")
 
@@ -481,6 +484,10 @@ class Multiplexer:
         elif isinstance(event, ReplyReceived):
             stream = streams.get(event.stream_id)
             if stream is not None:
+                if len(stream._replies) >= MAX_PENDING_REPLIES:
+                    # Interim heads are not flow-controlled: a peer must not pile them up without limit.
+                    stream.reset(ErrorCode.ENHANCE_YOUR_CALM)
+                    return
                 stream._replies.append(event.head)
                 stream._readable.set()
         elif isinstance(event, StreamOpened):

@@ -253,8 +253,10 @@ class ClientConnection:
                 await self._send_error(503, f"{what}: {exc}", retry_after=True)
                 self._log(request, 503, 0, 0, started)
                 return self._h11.their_state is h11.DONE
-            outcome = await self._run_exchange(request, stream, has_body, replay, mux, offer is not None)
-            stream.close()
+            try:
+                outcome = await self._run_exchange(request, stream, has_body, replay, mux, offer is not None)
+            finally:
+                stream.close()  # on every path: an open stream would skew routing and the memory budget
             if outcome.retry:
                 possibly_processed += outcome.maybe_processed
                 if attempt < MAX_ATTEMPTS and possibly_processed < MAX_POSSIBLY_PROCESSED:
@@ -293,6 +295,11 @@ class ClientConnection:
                 await self._relay_response(request, stream, outcome, wants_continue, upgrade)
             except StreamReset as exc:
                 on_reset(request.method, exc, outcome, has_body and replay.overflow, mux.is_closed)
+            except h11.LocalProtocolError as exc:
+                # The agent's head or trailers are not valid HTTP/1.1 (e.g. CR LF in a header value).
+                stream.reset(ErrorCode.PROTOCOL_ERROR)
+                bad = StreamReset(ErrorCode.PROTOCOL_ERROR, remote=False, retryable=False, reason=str(exc))
+                on_reset(request.method, bad, outcome, has_body and replay.overflow, False)
             except _ClientGone:
                 stream.reset(ErrorCode.CANCEL)
                 outcome.abort = True

@@ -228,3 +228,22 @@ async def test_every_opener_queued_for_a_stream_slot_gets_one_in_turn() -> None:
         assert done == 20
         relay.abort("done")
         agent.abort("done")
+
+
+async def test_interim_replies_piling_up_unread_reset_the_stream() -> None:
+    async def flooding(stream: MuxStream) -> None:
+        for _ in range(1000):
+            await stream.send_reply(ResponseHead(103, b"Early Hints", ((b"Link", b"</a>"),)))
+        await stream.send_reply(ResponseHead(200, b"OK", ()), end_stream=True)
+
+    async with trio.open_nursery() as nursery:
+        relay, agent, *_ = await start_pair(nursery, flooding)
+        stream = await relay.open_stream(GET, end_stream=True)
+        await trio.sleep(0.5)  # nothing read meanwhile
+        with pytest.raises(StreamReset) as info:
+            while (await stream.receive_reply()).is_interim:
+                pass
+        assert info.value.error_code is ErrorCode.ENHANCE_YOUR_CALM
+        assert relay.in_flight == 0
+        relay.abort("done")
+        agent.abort("done")

@@ -239,3 +239,21 @@ async def test_no_agent_within_agent_wait_is_a_503(autojump_clock: trio.testing.
     status, _ = await request(registry, "GET")
     assert status == 503
     assert trio.current_time() - start == pytest.approx(10)
+
+
+async def test_a_response_head_that_is_not_valid_http_is_a_502_and_frees_its_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def bad_header(stream: MuxStream) -> None:
+        await stream.send_reply(ResponseHead(200, b"OK", ((b"X-Evil", b"a\r\nSet-Cookie: x=1"),)))
+        await stream.send_data(b"ok", end_stream=True)
+
+    registry = AgentRegistry(agent_wait=10)
+    async with trio.open_nursery() as nursery:
+        agents = Agents(nursery, registry)
+        mux = await agents.connect("bad", bad_header)
+        status, _ = await request(registry, "GET")
+        assert status == 502
+        assert mux.in_flight == 0
+        assert agents.seen == [("bad", "GET", digest(b""))]
+        nursery.cancel_scope.cancel()
