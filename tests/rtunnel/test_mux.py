@@ -211,7 +211,9 @@ async def test_every_opener_queued_for_a_stream_slot_gets_one_in_turn() -> None:
     async with trio.open_nursery() as nursery:
         t_relay, t_agent = memory_transport_pair()
         relay = Multiplexer(t_relay, Role.ACCEPTOR)
-        agent = Multiplexer(t_agent, Role.DIALER, handler=echo_handler, settings=Settings(max_concurrent_streams=2))
+        agent = Multiplexer(
+            t_agent, Role.DIALER, handler=echo_handler, settings=Settings(max_concurrent_streams=2)
+        )
         nursery.start_soon(agent.run)
         await nursery.start(relay.run)
         done = 0
