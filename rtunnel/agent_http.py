@@ -59,6 +59,14 @@ _BODY_METHODS: Final = frozenset([b"POST", b"PUT", b"PATCH"])
 # Request body bytes kept so that a retry can resend them; a longer body makes the request not retryable.
 REPLAY_LIMIT: Final = 65536
 _MAX_REASON: Final = 255
+# Host is uri-host [":" port] (RFC 9110 7.2). A path, query, userinfo or whitespace in it would let an upstream
+# that builds its URL as "http://" + Host + target act on another path than the allowlist checked.
+_HOST_FORBIDDEN: Final = frozenset(b"/?#@\\ \t\x7f") | frozenset(range(0x20))
+# Headers some frameworks honour to replace the method or the path after routing (Symfony, Express's
+# method-override, IIS URL rewrite): through a restricted agent they would run what the allowlist never checked.
+_OVERRIDE_HEADERS: Final = frozenset(
+    {b"x-http-method-override", b"x-http-method", b"x-method-override", b"x-original-url", b"x-rewrite-url"}
+)
 
 _REASONS: Final = {
     400: b"Bad Request",
@@ -227,9 +235,15 @@ class _Exchange:
             if not item.isdigit() or len(item) > 18:
                 return "invalid Content-Length"
             content_length = int(item)
+        if not self.handler.allowlist.unrestricted:
+            override = next((name for name, _ in headers if name.lower() in _OVERRIDE_HEADERS), None)
+            if override is not None:
+                return f"{override.decode('latin-1')} is not accepted: it would bypass the allowlist"
         hosts = [value for name, value in headers if name.lower() == b"host"]
         if len(hosts) > 1:
             return "more than one Host header"
+        if hosts and any(byte in _HOST_FORBIDDEN for byte in hosts[0]):
+            return "invalid Host header"
         if not hosts:
             # HTTP/1.1 requires Host; an HTTP/1.0 client may have sent none.
             headers.insert(0, (b"Host", self.handler.address.authority))

@@ -183,6 +183,24 @@ async def test_exactly_the_normalized_target_is_forwarded(upstream: Upstream) ->
     assert upstream.paths == ["/bytes/12?x=%2F"]
 
 
+async def test_host_with_a_path_is_refused_before_the_upstream(upstream: Upstream) -> None:
+    # An upstream that builds its URL as "http://" + Host + target would act on /admin, not /bytes/3.
+    allowlist = Allowlist.parse(["GET /bytes/*"])
+    async with tunnel(upstream.url, allowlist) as t:
+        stream = await t.relay.open_stream(
+            RequestHead(b"GET", b"/bytes/3", ((b"Host", b"app.example/admin?"),)), end_stream=True
+        )
+        head = await stream.receive_reply()
+        body = b""
+        while chunk := await stream.receive_data():
+            body += chunk
+        stream.close()
+        ok = await call(t.relay, b"GET", b"/bytes/3", headers=[])
+    assert head.status == 400 and b"invalid Host header" in body
+    assert ok.status == 200
+    assert upstream.paths == ["/bytes/3"]
+
+
 # --- upstream failures ----------------------------------------------------------------------------------
 
 
@@ -508,3 +526,26 @@ def test_unsupported_upstream_urls_are_refused(url: str) -> None:
 def test_upstream_url_forms() -> None:
     assert ExchangeHandler("http://localhost", Allowlist()).address.authority == b"localhost:80"
     assert ExchangeHandler("http://[::1]:8080/", Allowlist()).address.authority == b"[::1]:8080"
+
+
+async def test_method_and_path_override_headers_are_refused_by_a_restricted_agent(upstream: Upstream) -> None:
+    # Frameworks that honour these would run DELETE /admin where the allowlist approved GET /bytes/3.
+    allowlist = Allowlist.parse(["GET /bytes/*"])
+    overrides = [b"X-HTTP-Method-Override", b"X-Original-URL", b"x-rewrite-url"]
+    async with tunnel(upstream.url, allowlist) as t:
+        refused = [
+            await call(t.relay, b"GET", b"/bytes/3", headers=[(name, b"DELETE")]) for name in overrides
+        ]
+        ok = await call(t.relay, b"GET", b"/bytes/3")
+    for result, name in zip(refused, overrides, strict=True):
+        assert result.status == 400, name
+        assert b"bypass the allowlist" in result.body
+    assert ok.status == 200
+    assert upstream.paths == ["/bytes/3"]
+
+
+async def test_an_unrestricted_agent_forwards_override_headers(upstream: Upstream) -> None:
+    async with tunnel(upstream.url, Allowlist.parse([])) as t:
+        result = await call(t.relay, b"GET", b"/echo", headers=[(b"X-HTTP-Method-Override", b"PUT")])
+    assert result.status == 200
+    assert b"X-HTTP-Method-Override" in result.body
