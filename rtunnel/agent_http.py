@@ -61,6 +61,8 @@ REPLAY_LIMIT: Final = 65536
 _MAX_REASON: Final = 255
 # Host is uri-host [":" port] (RFC 9110 7.2). A path, query, userinfo or whitespace in it would let an upstream
 # that builds its URL as "http://" + Host + target act on another path than the allowlist checked.
+# The relay holds at most 64 unread interim heads per stream (mux.MAX_PENDING_REPLIES); stay below it.
+MAX_INTERIM_RESPONSES: Final = 32
 _HOST_FORBIDDEN: Final = frozenset(b"/?#@\\ \t\x7f") | frozenset(range(0x20))
 # Headers some frameworks honour to replace the method or the path after routing (Symfony, Express's
 # method-override, IIS URL rewrite): through a restricted agent they would run what the allowlist never checked.
@@ -363,7 +365,7 @@ class _Exchange:
                     remaining -= len(chunk)  # too long: h11 refuses the Data
                 await conn.send(h11.Data(data=chunk), stall_timeout=stall)
             # HTTP/1.1 carries trailers only in chunked framing.
-            trailers = body.trailers if self.chunked else []
+            trailers = strip_hop_by_hop(body.trailers) if self.chunked else []
             await conn.send(h11.EndOfMessage(headers=trailers), stall_timeout=stall)
             att.request_sent()
             if remaining == 0 and await body.read(index):
@@ -402,6 +404,7 @@ class _Exchange:
         conn = att.conn
         stream = self.stream
         response: h11.Response | None = None
+        interims = 0
         with att.head_scope:
             while response is None:
                 event = await conn.next_event()
@@ -416,6 +419,12 @@ class _Exchange:
                     self.status = 101
                     return
                 if isinstance(event, h11.InformationalResponse):
+                    interims += 1
+                    if interims > MAX_INTERIM_RESPONSES:
+                        # Interim heads are not flow-controlled: the relay resets a stream that piles them up.
+                        raise UpstreamBroken(
+                            f"upstream sent more than {MAX_INTERIM_RESPONSES} interim responses"
+                        )
                     interim = tuple(strip_hop_by_hop(event.headers.raw_items()))
                     await self.send_head(ResponseHead(event.status_code, event.reason[:_MAX_REASON], interim))
                     att.interim_sent = True

@@ -251,6 +251,19 @@ async def test_invalid_upstream_response_is_502() -> None:
     assert b"invalid response" in result.body
 
 
+async def test_an_upstream_flooding_interim_responses_gets_a_502() -> None:
+    # 1xx heads are not flow-controlled: the agent stops forwarding them well before the relay's own cap.
+    async def floods(stream: trio.SocketStream, index: int) -> None:
+        await ServerConn(stream).read_request()
+        await stream.send_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 1000)
+
+    async with scripted_upstream(floods) as url, tunnel(url) as t:
+        result = await call(t.relay, b"GET", b"/")
+    assert result.interim == [103] * 32
+    assert result.status == 502
+    assert b"interim responses" in result.body
+
+
 @pytest.mark.parametrize(
     "headers",
     [
