@@ -195,7 +195,8 @@ class _Exchange:
 
         for attempt in (1, 2):
             try:
-                conn = await handler.pool.acquire()
+                # The retry takes a new connection: another idle one may be just as stale.
+                conn = await handler.pool.acquire(fresh=attempt == 2)
             except UpstreamConnectError as exc:
                 self.note = "connect failed"
                 log.warning("%s", exc.reason)

@@ -261,12 +261,12 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    async def acquire(self) -> UpstreamConnection:
-        """An idle connection if one is usable, else a new one. Raises UpstreamConnectError."""
+    async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
+        """An idle connection if one is usable (unless `fresh`), else a new one. Raises UpstreamConnectError."""
         if self._closed:
             raise UpstreamConnectError(502, "agent is shutting down")
         self._prune(trio.current_time())
-        while self._idle:
+        while self._idle and not fresh:
             conn = self._idle.pop()  # the warmest: least likely to have been timed out by the upstream
             # An idle HTTP/1.1 connection has nothing to say; readable means EOF (the upstream timed it out)
             # or junk. Either way it is dead: checking here avoids most of the retry-on-stale-connection cases.

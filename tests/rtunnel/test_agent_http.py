@@ -456,6 +456,38 @@ async def test_request_racing_an_upstream_close_is_retried_only_if_idempotent() 
     assert b"closed the connection without responding" in not_retried.body
 
 
+async def test_the_retry_takes_a_new_connection_not_another_idle_one() -> None:
+    """Two idle connections that the upstream drops as the next request arrives: retrying on the other idle
+    one would fail the same way; the retry must open a new connection."""
+    both_used = trio.Event()
+    served = 0
+
+    async def drops_on_second_request(stream: trio.SocketStream, index: int) -> None:
+        nonlocal served
+        conn = ServerConn(stream)
+        await conn.read_request()
+        served += 1
+        if served == 2:
+            both_used.set()
+        await both_used.wait()  # hold both first exchanges open, so the pool ends up with two idle ones
+        await conn.respond(200, f"conn {index}".encode())
+        if index < 2:
+            conn.h11.start_next_cycle()
+            await conn.read_request(body=False)
+            await stream.aclose()  # gave up on the connection just as the request arrived
+        else:
+            conn.h11.start_next_cycle()
+            await conn.read_request()
+            await conn.respond(200, f"conn {index}".encode())
+
+    async with scripted_upstream(drops_on_second_request) as url, tunnel(url) as t:
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(call, t.relay, b"GET", b"/")
+        retried = await call(t.relay, b"GET", b"/")
+    assert (retried.status, retried.body) == (200, b"conn 2")
+
+
 async def test_early_response_while_the_body_is_still_uploading() -> None:
     async def answers_first(stream: trio.SocketStream, index: int) -> None:
         conn = ServerConn(stream)
