@@ -210,6 +210,13 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
     add("--max-body-size", _size, limits.max_body_size, "BYTES", "request body, else 413")
     add("--head-timeout", float, limits.head_timeout, "SECONDS", "to receive a request head, else 408")
     add("--idle-timeout", float, limits.idle_timeout, "SECONDS", "keep-alive connection without a request")
+    add(
+        "--body-timeout",
+        float,
+        limits.body_timeout,
+        "SECONDS",
+        "a request body that stops arriving, else 408",
+    )
     add("--max-connections", _count, limits.max_connections, "N", "client connections in total, else 503")
     add(
         "--max-connections-per-ip",
@@ -330,7 +337,7 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     groups = load_tokens(args.token, args.token_file)
     if args.agent_wait < 0:
         raise ConfigError("--agent-wait must not be negative")
-    for option in ("head_timeout", "idle_timeout", "stall_timeout", "auth_fail_window"):
+    for option in ("head_timeout", "idle_timeout", "body_timeout", "stall_timeout", "auth_fail_window"):
         if getattr(args, option) < 0:
             raise ConfigError(f"--{option.replace('_', '-')} must not be negative")
     if args.grace < 0:
@@ -350,6 +357,7 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
             max_header_count=args.max_headers or 1 << 30,
             head_timeout=args.head_timeout or math.inf,
             idle_timeout=args.idle_timeout or math.inf,
+            body_timeout=args.body_timeout or math.inf,
             max_body_size=args.max_body_size or None,
             max_connections=args.max_connections or None,
             max_connections_per_ip=args.max_connections_per_ip or None,

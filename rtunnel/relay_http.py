@@ -54,6 +54,7 @@ class HttpLimits:
     max_header_count: int = 200  # (431)
     head_timeout: float = 30.0  # time to receive a whole request head once it started (slowloris, 408)
     idle_timeout: float = 75.0  # keep-alive connection with no request in progress (closed quietly)
+    body_timeout: float = 60.0  # a request body that stops arriving mid-way (408): slowloris on the body
     max_body_size: int | None = None  # None: unlimited (streamed, so no memory cost) (413)
     max_connections: int | None = 1024  # client connections on the HTTP listener, in total (503)
     max_connections_per_ip: int | None = 128  # ... from one client address (503)
@@ -366,9 +367,15 @@ class ClientConnection:
                     return
             while True:
                 try:
-                    event = await self._next_event()
+                    with trio.fail_after(self._limits.body_timeout):
+                        event = await self._next_event()
                 except h11.RemoteProtocolError as exc:
                     outcome.body_error = f"malformed request body: {exc}"
+                    stream.reset(ErrorCode.CANCEL)
+                    return
+                except trio.TooSlowError:
+                    outcome.body_error = f"request body stalled for {self._limits.body_timeout:g} s"
+                    outcome.body_status = 408
                     stream.reset(ErrorCode.CANCEL)
                     return
                 if isinstance(event, h11.Data):

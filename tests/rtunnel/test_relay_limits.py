@@ -461,3 +461,14 @@ def test_the_auth_throttle_forgets_the_oldest_addresses_first() -> None:
         throttle.failed(f"10.0.{i // 256}.{i % 256}", 0.0)
     assert throttle.retry_after("10.0.3.231", 1.0) is not None  # the most recent one is still blocked
     assert throttle.retry_after("10.0.0.0", 1.0) is None  # memory is bounded: the oldest were dropped
+
+
+async def test_a_request_body_that_stops_arriving_gets_408(autojump_clock: trio.testing.MockClock) -> None:
+    """Slowloris on the body: the head is complete, the body stops; the relay gives up after body_timeout
+    instead of holding the exchange (and the agent's stream) forever."""
+    async with relay_rig(HttpLimits(body_timeout=5)) as rig:
+        client = await rig.connect()
+        await client.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        status, _, body = await client.response()
+        assert status == 408
+        assert b"stalled" in body
