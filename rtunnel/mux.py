@@ -113,7 +113,6 @@ class MuxStream:
         self._writable = trio.Event()
         # Set once, on failure; any number of tasks may wait on it (unlike _readable/_writable, which belong
         # to the one reader and the one writer of the stream).
-        self._failed = trio.Event()
         self._cancel_on_fail: list[trio.CancelScope] = []
         self.closed = False
         self._sent_end = False
@@ -205,20 +204,11 @@ class MuxStream:
     def at_eof(self) -> bool:
         return self._ended and not self._chunks
 
-    async def wait_reset(self) -> StreamReset:
-        """Wait until the stream fails (reset by either side, or lost with its connection) and return why.
-
-        Safe beside a task that reads or writes the stream: it lets a handler notice a peer's RESET while it
-        is busy elsewhere (e.g. waiting for its upstream after the request body ended), where receive_data
-        would only return b"" (END wins over a later RESET).
-        """
-        await self._failed.wait()
-        assert self._error is not None
-        return self._error
-
     def cancel_on_reset(self, scope: trio.CancelScope) -> None:
-        """Cancel `scope` when the stream fails, like a task in wait_reset would, without the task: the agent
-        does this for every exchange, and a task plus a nursery per exchange showed in profiles."""
+        """Cancel `scope` when the stream fails (reset by either side, or lost with its connection): lets a
+        handler notice a peer's RESET while it waits elsewhere, e.g. on its upstream after the request body
+        ended, where receive_data would only return b"" (END wins over a later RESET). A scope, not a watcher
+        task: the agent does this for every exchange, and a task plus a nursery each showed in profiles."""
         if self._error is not None:
             scope.cancel()
         else:
@@ -283,7 +273,6 @@ class MuxStream:
             self._error = error
         self._readable.set()
         self._writable.set()
-        self._failed.set()
         for scope in self._cancel_on_fail:
             scope.cancel()
         self._cancel_on_fail.clear()

@@ -112,10 +112,9 @@ async def pump(
     WebSocket clients do after a server's close, must not hold the session forever)."""
     result = Pumped()
     clean = False
+    ended = 0
     try:
         async with trio.open_nursery() as nursery:
-            ended = 0
-            one_ended = trio.Event()
 
             def fail(why: str) -> None:
                 if result.error is None:
@@ -127,20 +126,15 @@ async def pump(
                 await copy(*args)
                 if result.error is None:
                     ended += 1
-                    if ended == 2:
-                        nursery.cancel_scope.cancel()  # both done: stop the half-close guard
-                    one_ended.set()
-
-            async def half_close_guard() -> None:
-                await one_ended.wait()
-                await trio.sleep(half_close_timeout)
-                fail(f"half-closed for {half_close_timeout:g} s without the other direction ending")
+                    if ended == 1:  # the other direction now has half_close_timeout to end too
+                        nursery.cancel_scope.deadline = trio.current_time() + half_close_timeout
 
             nursery.start_soon(direction, _socket_to_stream, stream, sock, initial, result, fail, what)
             nursery.start_soon(
                 direction, _stream_to_socket, stream, sock, result, fail, what, nursery.cancel_scope
             )
-            nursery.start_soon(half_close_guard)
+        if result.error is None and ended == 1 and trio.current_time() >= nursery.cancel_scope.deadline:
+            result.error = f"half-closed for {half_close_timeout:g} s without the other direction ending"
         clean = result.error is None
     finally:
         if not clean:

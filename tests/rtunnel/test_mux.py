@@ -241,7 +241,7 @@ async def test_interim_replies_piling_up_unread_reset_the_stream() -> None:
     async with trio.open_nursery() as nursery:
         relay, agent, *_ = await start_pair(nursery, flooding)
         stream = await relay.open_stream(GET, end_stream=True)
-        await trio.sleep(0.5)  # nothing read meanwhile
+        await trio.testing.wait_all_tasks_blocked()  # the flood stalls on the cap; nothing read meanwhile
         with pytest.raises(StreamReset) as info:
             while (await stream.receive_reply()).is_interim:
                 pass
