@@ -564,6 +564,14 @@ class TwoPeers(RuleBasedStateMachine):
                 total += unread
             assert total <= conn.local_settings.connection_window
 
+    @invariant()
+    @guarded
+    def outbound_total_is_the_sum_of_stream_buffers(self) -> None:
+        # The runtime's memory accounting reads this running total instead of summing every stream.
+        for side in (RELAY, AGENT):
+            conn = self.ends[side].conn
+            assert conn.outbound_total == sum(conn.outbound_buffered(sid) for sid in conn._streams)
+
     # -- teardown ----------------------------------------------------------------------------------
 
     def teardown(self) -> None:

@@ -70,6 +70,9 @@ async def test_many_concurrent_echo_exchanges_are_intact() -> None:
             assert hashlib.sha256(results[i]).digest() == hashlib.sha256(body).digest()
         assert relay.in_flight == 0
         assert agent.in_flight == 0
+        # The memory accounting's running totals come back to zero with the streams.
+        assert relay.buffered_bytes == 0
+        assert agent.buffered_bytes == 0
         relay.abort("test over")
         agent.abort("test over")
 
