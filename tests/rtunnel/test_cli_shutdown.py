@@ -3,6 +3,7 @@ starts, and a second SIGTERM / Ctrl-C during the grace period stops at once."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -84,6 +85,42 @@ async def test_readyz_turns_503_as_soon_as_the_relay_starts_draining(
     # The agent is still connected, and the relay still up: only draining can make it not ready.
     assert await _get(admin_port, "/readyz") == 503
     assert await _get(admin_port, "/healthz") == 200
+
+
+async def test_readyz_turns_503_as_soon_as_the_agent_starts_draining(
+    nursery: trio.Nursery, logs: _LogWatch
+) -> None:
+    # An exchange stays in progress (the upstream never answers), so the link stays up through the drain: only
+    # the draining flag can make the agent not ready.
+    arrived = trio.Event()
+
+    async def never_answers(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        arrived.set()
+        await trio.sleep_forever()
+
+    (upstream,) = await nursery.start(functools.partial(trio.serve_tcp, never_answers, 0, host="127.0.0.1"))
+    upstream_port = upstream.socket.getsockname()[1]
+    nursery.start_soon(_runner("serve", "--http", "127.0.0.1:0", "--agents", "127.0.0.1:0"))
+    ports = (await logs.wait_for(r"listening http=127\.0\.0\.1:(\d+) agents=127\.0\.0\.1:(\d+)")).groups()
+    agent = _runner(
+        "dial",
+        f"ws://127.0.0.1:{ports[1]}",
+        "--upstream",
+        f"http://127.0.0.1:{upstream_port}",
+        "--admin",
+        "127.0.0.1:0",
+    )
+    nursery.start_soon(agent)
+    admin_port = int((await logs.wait_for(r"admin listening on http://127\.0\.0\.1:(\d+)")).group(1))
+    await logs.wait_for(r"agent connected from")
+    assert await _get(admin_port, "/readyz") == 200
+    nursery.start_soon(_get, int(ports[0]), "/slow")
+    with trio.fail_after(10):
+        await arrived.wait()
+    nursery.start_soon(agent.drain)  # type: ignore[attr-defined]  # waits out the grace period (30 s)
+    assert await _get(admin_port, "/readyz") == 503
+    assert logs.find(r"agent \S+ disconnected") is None  # the link is still up
 
 
 async def test_a_second_signal_during_the_grace_period_stops_at_once(
