@@ -20,6 +20,7 @@ Forwarding headers (the relay faces untrusted clients):
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -113,10 +114,19 @@ def _forwarded_value(value: bytes) -> bytes:
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+def _forwarded_node(client_ip: bytes) -> bytes:
+    """RFC 7239 6: an IPv4 address, a bracketed IPv6 one, or ``unknown`` (a peer whose address was not read)."""
+    try:
+        address = ipaddress.ip_address(client_ip.decode("ascii"))
+    except ValueError:
+        return b"unknown"
+    text = str(address)
+    return (f"[{text}]" if address.version == 6 else text).encode("ascii")
+
+
 def _forwarded_element(*, client_ip: bytes, proto: bytes, host: bytes | None) -> bytes:
-    """This hop's ``Forwarded`` element (RFC 7239 4); an IPv6 node is bracketed, hence quoted (section 6)."""
-    node = b"[" + client_ip + b"]" if b":" in client_ip else client_ip
-    pairs = [b"for=" + _forwarded_value(node)]
+    """This hop's ``Forwarded`` element (RFC 7239 4); an IPv6 node is bracketed, hence quoted."""
+    pairs = [b"for=" + _forwarded_value(_forwarded_node(client_ip))]
     if host is not None:
         pairs.append(b"host=" + _forwarded_value(host))
     pairs.append(b"proto=" + _forwarded_value(proto))

@@ -193,6 +193,11 @@ def test_add_forwarding_ipv6_and_custom_via() -> None:
     ]
 
 
+def test_forwarded_names_an_unknown_peer_as_unknown() -> None:
+    out = add_forwarding([], client_ip="?", proto="http", host=None)
+    assert (b"Forwarded", b"for=unknown;proto=http") in out
+
+
 @pytest.mark.parametrize(
     ("client_ip", "proto"),
     [("1.2.3.4, 6.6.6.6", "http"), ("", "http"), ("1.2.3.4", "ht tp"), ("1.2.3.4", "é")],
