@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import trio
 
@@ -32,6 +32,7 @@ from .config import (
 )
 from .configfile import TUNNEL_NAME, TunnelSpec, describe_error, tunnel_token_env
 from .configfile import parse_args as parse_args_with_config
+from .lifespan import StartupError
 from .logs import LOG_FORMATS
 from .logs import setup as setup_logging
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .registry import Tunnel
     from .relay import Relay
+    from .service import AppService
 
 log = logging.getLogger("rtunnel")
 
@@ -109,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     dial = commands.add_parser("dial", help="run the agent (beside the service)")
     dial.add_argument("relay_urls", nargs="+", metavar="RELAY_URL", help="ws://HOST:PORT or wss://HOST:PORT")
     dial.add_argument(
-        "--upstream", required=True, metavar="URL", help="the local service, e.g. http://127.0.0.1:5000"
+        "--upstream", metavar="URL", help="the local service, e.g. http://127.0.0.1:5000 (or --app)"
     )
+    _app_options(dial)
     _token_options(dial)
     dial.add_argument(
         "--allow",
@@ -250,6 +253,44 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
     add("--auth-fail-window", float, relay.auth_fail_window, "SECONDS", "window of --auth-fail-limit")
 
 
+def _app_options(parser: argparse.ArgumentParser) -> None:
+    """`dial --app`: run a WSGI or ASGI app in the agent itself (rtunnel.service), uvicorn's option names."""
+    group = parser.add_argument_group("in-process application (instead of --upstream)")
+    group.add_argument(
+        "--app", metavar="MODULE:ATTR", help="a WSGI or ASGI app to run in the agent, e.g. myproject.web:app"
+    )
+    group.add_argument(
+        "--app-dir", default=".", metavar="DIR", help="put DIR first on sys.path to import --app (default .)"
+    )
+    group.add_argument("--factory", action="store_true", help="ATTR is a function returning the app")
+    group.add_argument(
+        "--interface",
+        default="auto",
+        choices=["auto", "asgi", "wsgi"],
+        help="auto (default) tells them apart as uvicorn does",
+    )
+    group.add_argument(
+        "--app-threads",
+        type=_count_positive,
+        default=40,
+        metavar="N",
+        help="WSGI: worker threads running the app at once (default 40)",
+    )
+    group.add_argument(
+        "--lifespan",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="ASGI lifespan start-up before dialing, shutdown after the drain (default auto)",
+    )
+
+
+def _count_positive(text: str) -> int:
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 def _token_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("authentication")
     group.add_argument("--token", help="shared secret (or set RTUNNEL_TOKEN)")
@@ -278,16 +319,6 @@ def _admin_server(args: argparse.Namespace, metrics: Metrics) -> AdminServer | N
     return AdminServer(metrics, host, port)
 
 
-async def _run_with_admin(admin: AdminServer | None, run: Callable[[], Awaitable[None]]) -> None:
-    if admin is None:
-        await run()
-        return
-    async with trio.open_nursery() as nursery:
-        await nursery.start(admin.run)
-        await run()
-        nursery.cancel_scope.cancel()
-
-
 def _liveness_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ping-interval", type=_positive, default=5.0, metavar="SECONDS")
     parser.add_argument(
@@ -310,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     if args.command == "status":
         return run_status(args.admin)
+    runner: Callable[[], Awaitable[None]]
     try:
         if args.command == "serve":
             runner = _serve_runner(args)
@@ -328,7 +360,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
+class Runner(Protocol):
+    """What `serve` and `dial` run (rtunnel.api too): until cancelled; `task_status` once up."""
+
+    def __call__(self, *, task_status: trio.TaskStatus[Any] = ...) -> Awaitable[None]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Listening:
+    """Where a relay listens (what `nursery.start(rtunnel.serve, ...)` returns: ports may have been 0)."""
+
+    http: tuple[str, int]
+    agents: tuple[str, int]
+    tls: bool = False
+
+    @property
+    def agents_url(self) -> str:
+        return f"{'wss' if self.tls else 'ws'}://{self.agents[0]}:{self.agents[1]}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http[0]}:{self.http[1]}"
+
+
+def _serve_runner(args: argparse.Namespace) -> Runner:
     from .relay import Relay, RelayConfig
     from .relay_http import HttpLimits
 
@@ -374,10 +429,17 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     admin = _admin_server(args, relay.metrics)
     grace = args.grace
 
-    async def run() -> None:
+    async def run(*, task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_reload_tokens_on_sighup, relay, token_file)
-            await _run_with_admin(admin, relay.run)
+            if admin is not None:
+                await nursery.start(admin.run)
+            async with trio.open_nursery() as relay_nursery:
+                await relay_nursery.start(relay.run)
+                assert relay.http_address is not None and relay.agents_address is not None
+                agents = relay.agents_address
+                tls = config.ssl_context is not None
+                task_status.started(Listening(relay.http_address, (agents[0], agents[1]), tls))
             nursery.cancel_scope.cancel()
 
     async def drain() -> None:
@@ -456,7 +518,7 @@ async def _reload_tokens_on_sighup(relay: Relay, token_file: str | None) -> None
             relay.reload_tokens(tuple(groups))
 
 
-def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
+def _dial_runner(args: argparse.Namespace) -> Runner:
     from protocol import Settings
 
     from . import transport
@@ -464,6 +526,7 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     from .agent_http import ExchangeHandler
     from .allowlist import Allowlist, AllowRuleError
     from .relay import STREAM_WINDOW, TUNNEL_HEADER
+    from .service import AppExchangeHandler
     from .transport import parse_relay_url
 
     for url in args.relay_urls:
@@ -480,15 +543,20 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     if args.ca and not needs_tls:
         raise ConfigError("--ca only applies to wss:// relay URLs")
     ssl_context = client_tls_context(args.ca, args.insecure) if needs_tls else None
-    try:
-        handler = ExchangeHandler(
-            args.upstream,
-            allowlist,
-            connect_timeout=args.connect_timeout,
-            response_timeout=args.response_timeout,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"--upstream: {exc}") from None
+    service = _app_service(args)
+    handler: ExchangeHandler
+    if service is not None:
+        handler = AppExchangeHandler(service, allowlist, response_timeout=args.response_timeout)
+    else:
+        try:
+            handler = ExchangeHandler(
+                args.upstream,
+                allowlist,
+                connect_timeout=args.connect_timeout,
+                response_timeout=args.response_timeout,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--upstream: {exc}") from None
     config = AgentConfig(
         relay_urls=args.relay_urls,
         token=token,
@@ -511,9 +579,11 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     admin = _admin_server(args, agent.metrics)
     grace = args.grace
 
-    async def run() -> None:
+    target = args.upstream if service is None else f"the app {args.app}"
+
+    async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if allowlist.unrestricted:
-            log.warning("no --allow rule: every request is forwarded to %s (unrestricted)", args.upstream)
+            log.warning("no --allow rule: every request is forwarded to %s (unrestricted)", target)
         if args.insecure:
             log.warning(
                 "--insecure: the relay's certificate is NOT verified; anyone on the path can impersonate it"
@@ -522,8 +592,15 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
             log.warning("no token set: the relay must be running without authentication")
         try:
             async with trio.open_nursery() as nursery:
+                if service is not None:
+                    # ASGI lifespan start-up completes before the agent dials: no request meets an unready app.
+                    await nursery.start(service.run)
                 nursery.start_soon(handler.run)  # expires idle upstream connections
-                await _run_with_admin(admin, agent.run)
+                if admin is not None:
+                    await nursery.start(admin.run)
+                nursery.start_soon(agent.run)
+                await agent.wait_connected()
+                task_status.started()
         finally:
             with trio.CancelScope(shield=True):
                 await handler.aclose()
@@ -532,9 +609,36 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         # SIGTERM: stop taking new exchanges (GOAWAY), let the running ones finish within the grace period.
         agent.metrics.draining = True
         await agent.drain(grace)
+        if service is not None:
+            await service.shutdown()  # ASGI lifespan shutdown, once the exchanges are done
 
     run.drain = drain  # type: ignore[attr-defined]
     return run
+
+
+def _app_service(args: argparse.Namespace) -> AppService | None:
+    """The app of `--app` (a MODULE:ATTR, or the object itself through the library API), or None."""
+    from .appload import AppLoadError, LoadedApp, detect_interface, load_app
+    from .service_asgi import AsgiService
+    from .service_wsgi import WsgiService
+
+    if (args.upstream is None) == (args.app is None):
+        raise ConfigError("give exactly one of --upstream URL and --app MODULE:ATTR")
+    if args.app is None:
+        return None
+    if isinstance(args.app, str):
+        try:
+            loaded = load_app(args.app, app_dir=args.app_dir, factory=args.factory, interface=args.interface)
+        except AppLoadError as exc:
+            log.debug("loading --app %s failed", args.app, exc_info=exc.__cause__ or exc)
+            raise ConfigError(str(exc)) from None
+    else:
+        interface = detect_interface(args.app) if args.interface == "auto" else args.interface
+        loaded = LoadedApp(args.app, interface, repr(args.app))
+    log.info("serving the %s app %s in-process", loaded.interface.upper(), loaded.name)
+    if loaded.interface == "asgi":
+        return AsgiService(loaded.app, lifespan=args.lifespan, response_timeout=args.response_timeout)
+    return WsgiService(loaded.app, threads=args.app_threads, response_timeout=args.response_timeout)
 
 
 async def _until_signal(runner: Callable[[], Awaitable[None]]) -> int:
@@ -568,4 +672,14 @@ async def _until_signal(runner: Callable[[], Awaitable[None]]) -> int:
         except* OSError as group:
             print(f"rtunnel: error: {group.exceptions[0]}", file=sys.stderr)
             status = EXIT_RUNTIME
+        except* StartupError as group:
+            print(f"rtunnel dial: error: {_first(group)}", file=sys.stderr)
+            status = EXIT_RUNTIME
     return status
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
