@@ -171,32 +171,33 @@ class _WsgiCall:
     # -- in the trio thread ----------------------------------------------------------------------------
 
     async def send(self, data: bytes, end: bool) -> None:
+        """Body bytes (the head first if not sent yet); `end`: the last of them."""
         exchange = self.exchange
         if not self.head_sent:
             if self.response is None:
                 raise AssertionError("the WSGI app returned a body without calling start_response()")
             status, headers = self.response
             self.no_body = bodiless(self.request.method, status)
-            only_head = end and (self.no_body or not data)
+            only_head = self.no_body or (end and not data)
             if only_head and not self.no_body and self.length.declared is None:
                 headers = [*headers, (b"Content-Length", b"0")]
-            if only_head and not self.no_body:
-                self.length.check_end()
+            self._count(data, end)  # before the head: a body that contradicts it is still a 500
             self.head_sent = True
             self.timer.head_sent()
             await send_head(exchange, status, headers, end_stream=only_head)
             if only_head:
                 return
-        if self.no_body:
+        else:
+            self._count(data, end)
+        if not self.no_body:
+            await exchange.stream.send_data(data, end_stream=end)
+            exchange.finished = end
+
+    def _count(self, data: bytes, end: bool) -> None:
+        if not self.no_body:
+            self.length.add(len(data))
             if end:
-                exchange.finished = True  # the stream ended with the head
-            return
-        self.length.add(len(data))
-        if end:
-            self.length.check_end()
-        await exchange.stream.send_data(data, end_stream=end)
-        if end:
-            exchange.finished = True
+                self.length.check_end()
 
     async def receive(self) -> bytes:
         self.timer.activity()
