@@ -38,7 +38,9 @@ async def open_tunnel(
 
         async def agent(*, task_status: trio.TaskStatus[None]) -> None:
             with agent_scope:
-                await rtunnel.dial([where.agents_url], app=app, token=TOKEN, task_status=task_status, **dial_options)
+                await rtunnel.dial(
+                    [where.agents_url], app=app, token=TOKEN, task_status=task_status, **dial_options
+                )
 
         await nursery.start(agent)
         async with httpx.AsyncClient(base_url=where.http_url, timeout=10) as client:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -121,15 +122,14 @@ async def test_app_exception_is_a_500_logged_once_and_harms_no_other_exchange(
         start_response("200 OK", [])
         return [b"fine"]
 
-    async with open_tunnel(app) as tunnel:
-        async with trio.open_nursery() as nursery:
-            results: dict[str, httpx.Response] = {}
+    async with open_tunnel(app) as tunnel, trio.open_nursery() as nursery:
+        results: dict[str, httpx.Response] = {}
 
-            async def get(path: str) -> None:
-                results[path] = await tunnel.client.get(path)
+        async def get(path: str) -> None:
+            results[path] = await tunnel.client.get(path)
 
-            nursery.start_soon(get, "/boom")
-            nursery.start_soon(get, "/ok")
+        nursery.start_soon(get, "/boom")
+        nursery.start_soon(get, "/ok")
     assert results["/boom"].status_code == 500
     assert results["/ok"].text == "fine"
     raised = [r for r in caplog.records if r.exc_info and r.exc_info[0] is ZeroDivisionError]
@@ -156,10 +156,8 @@ async def test_exc_info_replaces_the_head_before_anything_was_sent() -> None:
     def app(environ: Environ, start_response: Any) -> list[bytes]:
         start_response("200 OK", [("X-First", "1")])
         try:
-            raise KeyError("missing")
+            {}["missing"]
         except KeyError:
-            import sys
-
             start_response("503 Service Unavailable", [("X-Second", "1")], sys.exc_info())
         return [b"sorry"]
 
@@ -180,12 +178,11 @@ async def test_write_callable_and_a_streaming_iterable_go_out_chunk_by_chunk() -
         assert step.wait(10)
         yield b"data: second\n\n"
 
-    async with open_tunnel(app) as tunnel:
-        async with tunnel.client.stream("GET", "/") as response:
-            chunks = response.aiter_raw()
-            assert await anext(chunks) == b"data: first\n\n"
-            step.set()
-            assert await anext(chunks) == b"data: second\n\n"
+    async with open_tunnel(app) as tunnel, tunnel.client.stream("GET", "/") as response:
+        chunks = response.aiter_raw()
+        assert await anext(chunks) == b"data: first\n\n"
+        step.set()
+        assert await anext(chunks) == b"data: second\n\n"
 
 
 async def test_client_leaving_mid_stream_closes_the_iterable() -> None:
