@@ -79,7 +79,9 @@ _REASONS: Final = {
     400: b"Bad Request",
     403: b"Forbidden",
     414: b"URI Too Long",
+    500: b"Internal Server Error",
     502: b"Bad Gateway",
+    503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
 

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["MAX_MESSAGE", "WebSocketCall"]
 
 log = logging.getLogger("rtunnel.agent.app")
+ws_log = logging.getLogger("rtunnel.agent.app.websocket")
 
 MAX_MESSAGE: Final = 16 * 1024 * 1024  # a client's message beyond this closes the connection with 1009
 # After the app returns or closes, how long the client has to finish the closing handshake.
@@ -61,7 +62,7 @@ class WebSocketCall:
         self.request = request
         self.scope = trio.CancelScope()
         self.timer = HeadTimer(service.response_timeout)
-        self.protocol = ServerProtocol(max_size=MAX_MESSAGE)
+        self.protocol = ServerProtocol(max_size=MAX_MESSAGE, logger=ws_log)
         self.write_lock = trio.StrictFIFOLock()  # the app's sends and the reader's replies (pong, close)
         self.incoming_send, self.incoming = trio.open_memory_channel[Message](QUEUED_MESSAGES)
         self.connected = False  # websocket.connect delivered
@@ -81,7 +82,10 @@ class WebSocketCall:
         request = self.request
         headers = Headers([(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers])
         target = request.raw_path + (b"?" + request.query if request.query else b"")
-        handshake = self.protocol.accept(Request(target.decode("latin-1"), headers))
+        # ServerProtocol parses the handshake itself before any frame: give it the request as it came.
+        self.protocol.receive_data(Request(target.decode("latin-1"), headers).serialize())
+        parsed = [event for event in self.protocol.events_received() if isinstance(event, Request)]
+        handshake = self.protocol.accept(parsed[0]) if parsed else self.protocol.reject(400, "bad request\n")
         if handshake.status_code != 101:
             body = handshake.body or b""
             self.exchange.note = "bad websocket handshake"
