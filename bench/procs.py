@@ -38,9 +38,11 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: floa
     raise BenchError(f"{name}: nothing listening on 127.0.0.1:{port} after {timeout:g} s")
 
 
-def run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
+def run(args: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
     """The command's stdout; BenchError (with the end of its stderr) if it fails."""
-    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, env=env)
+    result = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, check=False, env=env, cwd=cwd
+    )
     if result.returncode != 0:
         raise BenchError(f"{' '.join(args)} exited {result.returncode}: {result.stderr.strip()[-500:]}")
     return result.stdout
@@ -61,10 +63,11 @@ class Processes:
         *,
         stdin: int = subprocess.DEVNULL,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115  (the child keeps it)
         proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=stdin, env=env, start_new_session=True
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=stdin, env=env, cwd=cwd, start_new_session=True
         )
         log.close()
         self.started.append((name, proc))

@@ -249,9 +249,14 @@ def start_rtunnel(
     per-address abuse limits are off (all the load comes from 127.0.0.1), the agent's response timeout is long
     (the scale test holds its exchanges), `streams` > 0 raises the agent's concurrent-stream limit to that.
     None if `log_off` and this build has no --access-log option."""
+    # `python -m` puts its working directory first on sys.path, ahead of PYTHONPATH: run from build.src, or
+    # the checkout the benchmark was started from would be measured instead.
     env = dict(os.environ, PYTHONPATH=str(build.src), RTUNNEL_TOKEN=secrets.token_urlsafe(24))
     cmd = [build.python, "-m", "rtunnel"]
-    helps = {sub: run([*cmd, *sub, "--help"], timeout=30, env=env) for sub in ((), ("serve",), ("dial",))}
+    where = run([build.python, "-c", "import rtunnel; print(rtunnel.__file__)"], 30, env, build.src).strip()
+    if not Path(where).resolve().is_relative_to(build.src):
+        raise BenchError(f"{build.label}: {build.python} imports rtunnel from {where}, not from {build.src}")
+    helps = {sub: run([*cmd, *sub, "--help"], 30, env, build.src) for sub in ((), ("serve",), ("dial",))}
     serve = ["serve", "--http", "127.0.0.1:0", "--agents", "127.0.0.1:0"]
     for option in ("--max-connections", "--max-connections-per-ip", "--max-exchanges-per-ip"):
         if f"{option} " in helps[("serve",)]:  # options differ between versions of rtunnel
@@ -274,11 +279,14 @@ def start_rtunnel(
             dial += ["--access-log", "off"]
         else:
             return None
-    relay = s.procs.start(f"{key}-relay", [*before["serve"], *serve], env=env)
+    relay = s.procs.start(f"{key}-relay", [*before["serve"], *serve], env=env, cwd=build.src)
     match = s.procs.wait_line(f"{key}-relay", relay, LISTENING_RE.pattern)
     http_port, agents_port = int(match.group(2)), int(match.group(4))
     agent = s.procs.start(
-        f"{key}-agent", [*before["dial"], "dial", f"{scheme}://127.0.0.1:{agents_port}", *dial], env=env
+        f"{key}-agent",
+        [*before["dial"], "dial", f"{scheme}://127.0.0.1:{agents_port}", *dial],
+        env=env,
+        cwd=build.src,
     )
     s.procs.wait_line(f"{key}-agent", agent, "connected to")
     s.procs.wait_line(f"{key}-relay", relay, "agent connected")
@@ -286,8 +294,18 @@ def start_rtunnel(
     return Route(build.label, http_port, lambda: {k: [v] for k, v in pids.items()}), pids
 
 
+def describe(build: Build) -> str:
+    """Which code a build runs: its directory and git revision (+ "-dirty" for uncommitted changes)."""
+    try:
+        rev = run(["git", "-C", str(build.src), "describe", "--always", "--dirty"], timeout=30).strip()
+    except (BenchError, OSError):
+        rev = "exported revision" if build.src.name.startswith("src-") else "not a git checkout"
+    return f"{build.label}: {build.src} ({rev}), {build.python}"
+
+
 def start_routes(s: Setup, build: Build, compare: list[Build], only: set[str]) -> None:
     """nginx, then every route `only` names (ROUTE_KEYS), then one rtunnel route per --compare build."""
+    s.notes += [describe(b) for b in (build, *compare)]
     start_nginx(s)
     if "direct" in only:
         s.routes["direct"] = Route("direct", s.nginx_port)
