@@ -299,7 +299,9 @@ def describe(build: Build) -> str:
     try:
         rev = run(["git", "-C", str(build.src), "describe", "--always", "--dirty"], timeout=30).strip()
     except (BenchError, OSError):
-        rev = "exported revision" if build.src.name.startswith("src-") else "not a git checkout"
+        if build.src.name.startswith("src-"):  # resolve_build's export of a revision
+            return f"{build.label}: revision {build.src.name[4:]} (git archive), {build.python}"
+        rev = "not a git checkout"
     return f"{build.label}: {build.src} ({rev}), {build.python}"
 
 
