@@ -1,8 +1,8 @@
 """Side-by-side benchmark: nginx direct, through `ssh -R`, through pproxy (backward mode) and through rtunnel (ws://
 and wss://), in one run.
 
-    python bench/run.py                 # full run (~10 minutes): 3 interleaved rounds, 256 MiB bulk, 10,000 long-polls
-    python bench/run.py --quick         # smoke run (~2 minutes): 1 round, short loads, 32 MiB bulk, 1,000 long-polls
+    python bench/run.py                 # full run (~9 minutes): 3 interleaved rounds, 256 MiB bulk, 10,000 long-polls
+    python bench/run.py --quick         # smoke run (1-2 minutes): 1 round, short loads, 32 MiB bulk, 1,000 long-polls
     python bench/run.py --compare main  # and a column for another revision (or checkout directory) of rtunnel
     python bench/run.py --serve         # start everything, print URLs and PIDs, wait for Ctrl-C (for profiling)
     python bench/run.py --profile DIR   # py-spy the relay and the agent under each load (needs py-spy)
@@ -193,7 +193,7 @@ def raise_fd_limit(needed: int) -> int:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     add = parser.add_argument
-    add("--quick", action="store_true", help="smoke run: 1 round, short loads (~2 minutes)")
+    add("--quick", action="store_true", help="smoke run: 1 round, short loads (1-2 minutes)")
     add("--serve", action="store_true", help="start everything, print URLs/PIDs, wait for Ctrl-C")
     add("--rounds", type=int, help="interleaved rounds (default 3, --quick 1)")
     add("--seconds", type=float, help="length of each wrk run (default 5, --quick 2)")
@@ -217,6 +217,8 @@ def parse_args() -> argparse.Namespace:
         help="run rtunnel from this source tree (default: this checkout)",
     )
     args = parser.parse_args()
+    if args.profile and "ws" not in args.only.split(","):
+        parser.error("--profile samples the ws:// route: keep ws in --only")
     for option, known in (("figures", FIGURES), ("only", ROUTE_KEYS)):
         chosen = {x.strip() for x in getattr(args, option).split(",") if x.strip()}
         if chosen - set(known):
