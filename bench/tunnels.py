@@ -314,7 +314,10 @@ def start_routes(s: Setup, build: Build, compare: list[Build], only: set[str]) -
     if "ssh" in only:
         start_ssh(s)
     if "pproxy" in only:
-        start_pproxy(s)
+        try:
+            start_pproxy(s)
+        except BenchError as exc:  # e.g. no registry to install it from: the other routes are still worth it
+            s.notes.append(f"pproxy: not measured: {exc}")
     variants = [("ws", build.label, {}), ("wss", f"{build.label} wss", {"tls": True})]
     variants.append(("logoff", f"{build.label} log off", {"log_off": True}))
     for key, label, options in variants:
