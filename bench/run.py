@@ -320,7 +320,7 @@ def main() -> int:
     print_report(s, results, scale_report, load, f"{rounds} interleaved round(s), medians; wrk runs of {seconds:g} s; bulk {bulk >> 20} MiB; {time.monotonic() - began:.0f} s in all")  # fmt: skip
     if args.json:
         routes = list(s.routes)
-        args.json.write_text(json.dumps({"routes": routes, "results": results, "scale": scale_report, "load": load}, indent=1))  # fmt: skip
+        args.json.write_text(json.dumps({"routes": routes, "notes": s.notes, "results": results, "scale": scale_report, "load": load}, indent=1))  # fmt: skip
     return status
 
 
@@ -328,6 +328,7 @@ def print_report(
     s: Setup, results: Results, scale_report: dict[str, float], load: dict[str, float], how: str
 ) -> None:
     print()
+    print(f"command: {' '.join(['bench/run.py', *sys.argv[1:]])}")
     print(how)
     print(machine_text())
     if "others" in load:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import io
 import os
@@ -235,6 +236,19 @@ def resolve_build(spec: str, tmp: Path) -> Build:
     return Build(f"rtunnel@{spec}", src, sys.executable)
 
 
+@functools.cache
+def _helps(build: Build) -> dict[tuple[str, ...], str]:
+    """`rtunnel [serve|dial] --help` of a build (options differ between versions), once its import is checked.
+    `python -m` puts its working directory first on sys.path, ahead of PYTHONPATH: each rtunnel runs in its
+    build's directory, or the checkout the benchmark was started from would be measured instead."""
+    env = dict(os.environ, PYTHONPATH=str(build.src))
+    where = run([build.python, "-c", "import rtunnel; print(rtunnel.__file__)"], 30, env, build.src).strip()
+    if not Path(where).resolve().is_relative_to(build.src):
+        raise BenchError(f"{build.label}: {build.python} imports rtunnel from {where}, not from {build.src}")
+    cmd = [build.python, "-m", "rtunnel"]
+    return {sub: run([*cmd, *sub, "--help"], 30, env, build.src) for sub in ((), ("serve",), ("dial",))}
+
+
 def start_rtunnel(
     s: Setup,
     build: Build,
@@ -249,14 +263,9 @@ def start_rtunnel(
     per-address abuse limits are off (all the load comes from 127.0.0.1), the agent's response timeout is long
     (the scale test holds its exchanges), `streams` > 0 raises the agent's concurrent-stream limit to that.
     None if `log_off` and this build has no --access-log option."""
-    # `python -m` puts its working directory first on sys.path, ahead of PYTHONPATH: run from build.src, or
-    # the checkout the benchmark was started from would be measured instead.
     env = dict(os.environ, PYTHONPATH=str(build.src), RTUNNEL_TOKEN=secrets.token_urlsafe(24))
     cmd = [build.python, "-m", "rtunnel"]
-    where = run([build.python, "-c", "import rtunnel; print(rtunnel.__file__)"], 30, env, build.src).strip()
-    if not Path(where).resolve().is_relative_to(build.src):
-        raise BenchError(f"{build.label}: {build.python} imports rtunnel from {where}, not from {build.src}")
-    helps = {sub: run([*cmd, *sub, "--help"], 30, env, build.src) for sub in ((), ("serve",), ("dial",))}
+    helps = _helps(build)
     serve = ["serve", "--http", "127.0.0.1:0", "--agents", "127.0.0.1:0"]
     for option in ("--max-connections", "--max-connections-per-ip", "--max-exchanges-per-ip"):
         if f"{option} " in helps[("serve",)]:  # options differ between versions of rtunnel
