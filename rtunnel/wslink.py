@@ -235,6 +235,22 @@ class Transport:
             finally:
                 self._read_lock.release()
 
+    async def send_text(self, text: str) -> None:
+        """Send a text message, which rtunnel.v1 forbids: only the conformance runner's scripted peers do."""
+        async with self._send_lock:
+            if self.closed or self._proto.state is not State.OPEN:
+                raise TransportClosed(self._reason())
+            self._proto.send_text(text.encode())
+            if not await self._send_all(b"".join(self._proto.data_to_send())):
+                raise TransportClosed(self._reason())
+
+    @property
+    def peer_close(self) -> tuple[int, str] | None:
+        """Code and reason of the peer's Close frame; None while none arrived (or the TCP connection was just
+        dropped, which a WebSocket API reports as 1006)."""
+        received = self._proto.close_rcvd
+        return None if received is None else (received.code, received.reason)
+
     async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Graceful close (Close handshake with `code`), bounded by close_timeout; idempotent (the first
         close decides the code). After a text message the code is always 1003."""
