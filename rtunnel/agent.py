@@ -189,6 +189,10 @@ class Agent:
             finally:
                 self.connections.pop(url, None)
                 self.metrics.link_down(mux)
+            if self._draining:
+                # Cut after the grace period, or never drained by the relay: going away (SPEC 10.2). A no-op
+                # once the relay closed the connection itself.
+                await link.aclose(transport.CLOSE_GOING_AWAY, "agent shutting down")
             return why
 
     def goaway_all(self) -> None:

@@ -283,7 +283,9 @@ class Relay:
     async def _on_agent(self, link: transport.Transport) -> None:
         if self._draining:
             log.info("agent %s turned away: the relay is shutting down", link.remote)
-            return  # the transport is closed gracefully on return; the agent retries elsewhere or later
+            # Going away (SPEC 10.2): the agent retries elsewhere or later.
+            await link.aclose(transport.CLOSE_GOING_AWAY, "relay shutting down")
+            return
         mux = Multiplexer(
             link,
             Role.ACCEPTOR,
