@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import trio
 
-from .agent_cases import AgentTarget, run_agent_suite
+from .agent_cases import AgentTarget, StartFailed, run_agent_suite
 from .relay_cases import RelayTarget, suite
-from .runner import report
+from .runner import leaf, report
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,10 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"python -m rtunnel.conformance relay: {exc}", file=sys.stderr)
             return 2
+    failure = ""
+    passed = interrupted = False
     try:
-        return 0 if trio.run(_main, args) else 1
-    except KeyboardInterrupt:
+        passed = trio.run(_main, args)
+    except* StartFailed as group:
+        failure = str(leaf(group))
+    except* KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
         return 130
+    if failure:
+        print(f"python -m rtunnel.conformance agent: {failure}", file=sys.stderr)
+        return 2
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -126,14 +126,27 @@ class Session:
         self.relay = relay
         self.upstream = upstream
         self.link: HostileLink | None = None
+        self.exit_status: int | None = None  # the agent's, once it exited
+        self._accepting: trio.CancelScope | None = None
 
     async def connection(self, probe: Probe) -> HostileLink:
         """The agent's connection; a new one (the agent reconnects) if a case ended the last one. Our HELLO
         always carries a non-zero reserved field, which the agent must ignore (SPEC 4.1)."""
         if self.link is None or self.link.closed:
-            self.link = await self.relay.accept(reserved=0xABCD)
+            with trio.CancelScope() as self._accepting:
+                if self.exit_status is None:
+                    self.link = await self.relay.accept(reserved=0xABCD)
+            self._accepting = None
+            if self.link is None or self.link.closed:
+                raise Unexpected(f"the agent exited with status {self.exit_status} instead of connecting")
         probe.watch(self.link)
         return self.link
+
+    async def watch_process(self, process: trio.Process) -> None:
+        """Once the agent exits, cases waiting for it to connect fail at once instead of timing out."""
+        self.exit_status = await process.wait()
+        if self._accepting is not None:
+            self._accepting.cancel()
 
     def lost(self) -> None:
         """The case ended the connection (or should have)."""
@@ -373,6 +386,7 @@ async def run_agent_suite(target: AgentTarget, *, only: str | None = None) -> li
             ]
             session = Session(target, relay, upstream)
             process = await _start(command, log)
+            nursery.start_soon(session.watch_process, process)
             try:
                 outcomes = await suite.run(session, timeout=target.timeout * 3, only=only)
             finally:
@@ -386,10 +400,17 @@ async def run_agent_suite(target: AgentTarget, *, only: str | None = None) -> li
     return outcomes
 
 
+class StartFailed(Exception):
+    """The agent's command could not be started; str() says why, in one line."""
+
+
 async def _start(command: list[str], log: IO[bytes]) -> trio.Process:
-    return await trio.lowlevel.open_process(
-        command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-    )
+    try:
+        return await trio.lowlevel.open_process(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    except OSError as exc:
+        raise StartFailed(f"cannot start {command[0]!r}: {exc.strerror or exc}") from None
 
 
 async def _stop(process: trio.Process) -> None:

@@ -110,12 +110,12 @@ async def run_case(case: Case[Target], target: Target, timeout: float) -> Outcom
             await case.run(target, probe)
         passed = True
     except Exception as exc:
-        passed, detail = _judge(_leaf(exc), timeout)
+        passed, detail = _judge(leaf(exc), timeout)
     sent, got = probe.transcript()
     return Outcome(case, passed, detail, sent, got)  # type: ignore[arg-type]
 
 
-def _leaf(exc: BaseException) -> BaseException:
+def leaf(exc: BaseException) -> BaseException:
     """The exception that decided a case, out of the groups its nurseries wrapped it in."""
     while isinstance(exc, BaseExceptionGroup):
         leaves = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
