@@ -30,6 +30,7 @@ from .peers import (
     Unexpected,
     frame,
     hostile_relay,
+    one_mebibyte,
     u32,
 )
 from .runner import Level, Outcome, Probe, Suite
@@ -160,6 +161,10 @@ suite: Suite[Session] = Suite()
 
 async def _ping(link: HostileLink, data: bytes = b"rtunnel!") -> None:
     await link.inject(frame(PING, 0, 0, data))
+    await _expect_ack(link, data)
+
+
+async def _expect_ack(link: HostileLink, data: bytes) -> None:
     while True:
         if link.closed:
             raise Unexpected("the agent closed the connection instead of answering the PING")
@@ -216,6 +221,14 @@ async def _unknown(session: Session, probe: Probe) -> None:
     await _ping(link)
 
 
+@suite.case("2", MUST, "a message of 1 MiB of coalesced frames is accepted")
+async def _large_message(session: Session, probe: Probe) -> None:
+    link = await session.connection(probe)
+    await link.flush()  # so the message is exactly 1 MiB
+    await link.inject(*one_mebibyte(frame(PING, 0, 0, b"mebibyte")))
+    await _expect_ack(link, b"mebibyte")
+
+
 @suite.case("5.4", MUST, "a request reaches the upstream and its response comes back on the stream")
 async def _forwarded(session: Session, probe: Probe) -> None:
     link = await session.connection(probe)
@@ -233,6 +246,14 @@ async def _split(session: Session, probe: Probe) -> None:
     await link.send_split(link.conn.data_to_send(), 12)
     status, body = await _answer(link, stream_id)
     if status != 200 or not body.startswith(b"GET /conformance/split "):
+        raise Unexpected(f"status {status}, upstream saw {body[:80]!r}")
+
+
+@suite.case("5.4.1", MUST, "raw non-ASCII octets in the path are percent-encoded")
+async def _non_ascii(session: Session, probe: Probe) -> None:
+    link = await session.connection(probe)
+    status, body = await _answer(link, await link.open(b"GET", b"/conformance/caf\xc3\xa9?q=caf%C3%A9"))
+    if status != 200 or not body.startswith(b"GET /conformance/caf%C3%A9?q=caf%C3%A9 HTTP/1.1\r\n"):
         raise Unexpected(f"status {status}, upstream saw {body[:80]!r}")
 
 
@@ -262,6 +283,7 @@ _REFUSED: list[tuple[str, str, bytes, bytes, tuple[tuple[bytes, bytes], ...], by
     ("5.4.2", "NUL in a header value", b"GET", b"/conformance/x", ((b"X-A", b"1\x00"),), b"app"),
     ("5.4.2", "a space in a header name", b"GET", b"/conformance/x", ((b"X Bad", b"1"),), b"app"),
     ("5.4.2", "CR LF in a header name", b"GET", b"/conformance/x", ((b"X-A\r\nX-B", b"1"),), b"app"),
+    ("5.4.1", "a raw non-ASCII octet in the query", b"GET", b"/conformance/x?q=caf\xc3\xa9", (), b"app"),
     ("5.4.1", "two Host headers", b"GET", b"/conformance/x", ((b"Host", b"other"),), b"app"),
     ("5.4.1", "a Host with a path", b"GET", b"/conformance/x", (), b"app/admin"),
 ]

@@ -68,6 +68,7 @@ __all__ = [
     "frame",
     "hostile_agent",
     "hostile_relay",
+    "one_mebibyte",
     "parse_frames",
     "raw_open",
     "Unexpected",
@@ -105,6 +106,18 @@ class Frame:
         """The code of a RESET or GOAWAY."""
         raw = self.payload[4:8] if self.type == GOAWAY else self.payload[:4]
         return ErrorCode.from_wire(struct.unpack(">I", raw.ljust(4, b"\0"))[0])
+
+
+def one_mebibyte(ping: bytes) -> list[bytes]:
+    """Frames of unknown type (ignored, SPEC 3) then `ping`, 1 MiB in all: the largest message of coalesced
+    frames a receiver must accept (SPEC 2)."""
+    size = 1 << 20
+    frames: list[bytes] = []
+    while size - len(ping) > 16393 + 9:
+        frames.append(frame(0x20, 0, 0, bytes(16384)))
+        size -= 16393
+    frames.append(frame(0x20, 0, 0, bytes(size - len(ping) - 9)))
+    return [*frames, ping]
 
 
 def parse_frames(data: bytes) -> list[Frame]:

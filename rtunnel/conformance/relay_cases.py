@@ -42,6 +42,7 @@ from .peers import (
     Unexpected,
     frame,
     hostile_agent,
+    one_mebibyte,
     u32,
 )
 from .runner import Level, Probe, Skip, Suite
@@ -221,6 +222,13 @@ async def _split(target: RelayTarget, probe: Probe) -> None:
         await _expect_ack(agent, b"splitted")
 
 
+@suite.case("2", MUST, "a message of 1 MiB of coalesced frames is accepted")
+async def _large_message(target: RelayTarget, probe: Probe) -> None:
+    async with _agent(target, probe) as agent:
+        await agent.send(*one_mebibyte(frame(PING, 0, 0, b"mebibyte")))
+        await _expect_ack(agent, b"mebibyte")
+
+
 @suite.case("2", MUST, "an empty binary message is ignored")
 async def _empty_message(target: RelayTarget, probe: Probe) -> None:
     async with _agent(target, probe) as agent:
@@ -340,6 +348,7 @@ async def _client(
     body: bytes = b"",
     *,
     wait_continue: bool = False,
+    http_version: bytes = b"1.1",
 ) -> _Answer:
     """One HTTP/1.1 request to the relay's HTTP side (a body needs its Content-Length in `headers`)."""
     if target.http_url is None:
@@ -351,6 +360,8 @@ async def _client(
     answer = _Answer([], 0, [], b"")
     async with stream:
         head = conn.send(h11.Request(method=method, target=path, headers=[(b"Host", b"app"), *headers]))
+        if http_version != b"1.1":  # h11 writes 1.1 only; the response parses the same
+            head = head.replace(b" HTTP/1.1\r\n", b" HTTP/" + http_version + b"\r\n", 1)
         tail = (conn.send(h11.Data(data=body)) if body else b"") or b""
         tail += conn.send(h11.EndOfMessage()) or b""
         await stream.send_all(head if wait_continue else head + tail)
@@ -474,6 +485,29 @@ async def _continue(target: RelayTarget, probe: Probe) -> None:
         await agent.send(_reply(opened.stream_id, 204, end=True))
     if got.payload[:5] != b"hello" or answers[0].interim != [100] or answers[0].status != 204:
         raise Unexpected(f"interim {answers[0].interim}, status {answers[0].status}, body {got.payload!r}")
+
+
+@suite.case(
+    "5.5", MUST, "an HTTP/1.0 request with Upgrade is ordinary: no Upgrade in the OPEN, END_STREAM set"
+)
+async def _upgrade_http10(target: RelayTarget, probe: Probe) -> None:
+    async with _exchange(target, probe) as (agent, nursery):
+        answers: list[_Answer] = []
+
+        async def client() -> None:
+            headers = [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
+            answers.append(
+                await _client(target, probe, b"GET", b"/conformance/ws", headers, http_version=b"1.0")
+            )
+
+        nursery.start_soon(client)
+        opened, head = await _next_open(agent)
+        names = {name.lower() for name, _ in head.headers}
+        if b"upgrade" in names or not opened.flags & END_STREAM:
+            raise Unexpected(f"forwarded as a protocol switch: flags {opened.flags}, headers {sorted(names)}")
+        await agent.send(_reply(opened.stream_id, 204, end=True))
+    if answers[0].status != 204:
+        raise Unexpected(f"the client got {answers[0].status}")
 
 
 async def _bad_reply(target: RelayTarget, probe: Probe, reply: bytes) -> None:
