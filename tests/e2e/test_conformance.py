@@ -29,7 +29,9 @@ _VERDICT = re.compile(r"^(PASS|FAIL|SKIP)  (MUST|SHOULD) +SPEC (\S+) +(.*)$")
 
 async def _run(args: list[str], expect: int) -> list[tuple[str, str, str, str]]:
     """Run the runner to its end; its verdict lines as (verdict, level, section, title)."""
-    async with run_process(ManagedProcess, "conformance", [*RUNNER, *args], expect_returncode=expect) as runner:
+    async with run_process(
+        ManagedProcess, "conformance", [*RUNNER, *args], expect_returncode=expect
+    ) as runner:
         await runner.wait_exit(timeout=120)
     verdicts = [m.groups() for line in runner.stdout_text().splitlines() if (m := _VERDICT.match(line))]
     assert verdicts, runner.stdout_text()
@@ -42,7 +44,11 @@ async def test_our_relay_passes(token: str) -> None:
     assert [v for v in verdicts if v[0] != "PASS"] == []
     titles = " | ".join(v[3] for v in verdicts)
     # The departures this runner was built to catch are among the cases.
-    for needle in ("a text message: GOAWAY PROTOCOL_ERROR, then Close 1003", "Expect: 100-continue", "101 to a"):
+    for needle in (
+        "a text message: GOAWAY PROTOCOL_ERROR, then Close 1003",
+        "Expect: 100-continue",
+        "101 to a",
+    ):
         assert needle in titles
     assert len(verdicts) >= 25
 
@@ -60,10 +66,14 @@ async def test_a_relay_that_sends_no_hello_fails() -> None:
     # cases fail with a one-line reason, and the exit status says so.
     async with hostile_relay(timeout=1) as silent:
         args = ["--timeout", "0.5", "--only", "4.8", "relay", silent.url, "--token", "t"]
-        async with run_process(ManagedProcess, "conformance", [*RUNNER, *args], expect_returncode=1) as runner:
+        async with run_process(
+            ManagedProcess, "conformance", [*RUNNER, *args], expect_returncode=1
+        ) as runner:
             await runner.wait_exit(timeout=120)
     out = runner.stdout_text()
-    assert re.search(r"^FAIL  MUST    SPEC 4.8 +a PING is answered .*: no answer within", out, re.MULTILINE), out
+    assert re.search(
+        r"^FAIL  MUST    SPEC 4.8 +a PING is answered .*: no answer within", out, re.MULTILINE
+    ), out
     assert re.search(r"^conformance: MUST 0/2 passed", out, re.MULTILINE), out
 
 

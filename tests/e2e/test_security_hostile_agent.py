@@ -15,10 +15,18 @@ import httpx
 import pytest
 import trio
 
-from protocol import ErrorCode, RequestHead, Settings
-from protocol._frames import encode_request_head
+from protocol import ErrorCode, RequestHead, Settings, encode_request_head
+from rtunnel.conformance.peers import (
+    DATA,
+    OPEN,
+    RESET,
+    WINDOW_UPDATE,
+    HostileAgent,
+    frame,
+    hostile_agent,
+    u32,
+)
 from rtunnel.relay import STREAM_WINDOW
-from rtunnel.conformance.peers import DATA, OPEN, RESET, WINDOW_UPDATE, HostileAgent, frame, hostile_agent, u32
 
 from .procs import Relay, http_client, run_agent, run_relay
 from .upstream import Upstream

@@ -224,7 +224,9 @@ def _replay(split: bool) -> None:
                 receiver.receive_data(example.octets)
             assert raised.value.error_code is example.error, example.name
             goaway = receiver.data_to_send()  # the answer: a GOAWAY with the code, alone
-            assert goaway[3] == protocol.FrameType.GOAWAY and goaway[13:17] == example.error.to_bytes(4, "big")
+            assert goaway[3] == protocol.FrameType.GOAWAY and goaway[13:17] == example.error.to_bytes(
+                4, "big"
+            )
             continue
         if split:
             # Receivers accept any grouping: one octet at a time gives the same events.
