@@ -8,9 +8,12 @@ from collections.abc import Sequence
 
 import trio
 
+from . import relay_cases, relay_exchanges
 from .agent_cases import AgentTarget, StartFailed, run_agent_suite
-from .relay_cases import RelayTarget, suite
-from .runner import leaf, report
+from .relay_cases import RelayTarget
+from .runner import Suite, leaf, report
+
+RELAY_SUITE = Suite(relay_cases.suite, relay_exchanges.suite)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _main(args: argparse.Namespace) -> bool:
     if args.side == "relay":
         target = RelayTarget(args.url, args.token, args.http, args.timeout)
-        outcomes = await suite.run(target, timeout=args.timeout * 3, only=args.only)
+        outcomes = await RELAY_SUITE.run(target, timeout=args.timeout * 3, only=args.only)
     else:
         command = list(args.command)
         if command[:1] == ["--"]:

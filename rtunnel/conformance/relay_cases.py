@@ -1,7 +1,6 @@
-"""Cases for a relay: the runner dials it as a scripted agent (and, with an HTTP address, is its client too).
-
-Every case opens its own connection, so a connection error in one cannot hide another's result. The cases
-that need the relay's HTTP side expect the runner's agent to be the only one the relay routes to.
+"""Cases for a relay: the runner dials it as a scripted agent and checks the transport, the handshake and the
+connection errors. Every case opens its own connection, so a connection error in one cannot hide another's
+result. relay_exchanges.py has the cases that also need the relay's HTTP side.
 """
 
 from __future__ import annotations
@@ -14,16 +13,11 @@ import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import h11
 import trio
 
 from protocol import (
     ErrorCode,
-    RequestHead,
-    ResponseHead,
-    decode_request_head,
     encode_hello,
-    encode_response_head,
 )
 
 from .. import transport
@@ -34,7 +28,6 @@ from .peers import (
     HELLO,
     OPEN,
     PING,
-    REPLY,
     RESET,
     WINDOW_UPDATE,
     Frame,
@@ -62,7 +55,7 @@ suite: Suite[RelayTarget] = Suite()
 
 
 @asynccontextmanager
-async def _agent(
+async def connected(
     target: RelayTarget, probe: Probe, *, hello: bool | bytes = True, url: str | None = None
 ) -> AsyncIterator[HostileAgent]:
     async with hostile_agent(url or target.url, target.token, hello=hello, timeout=target.timeout) as agent:
@@ -70,7 +63,7 @@ async def _agent(
         yield agent
 
 
-async def _ping(agent: HostileAgent, data: bytes = b"rtunnel!") -> None:
+async def ping(agent: HostileAgent, data: bytes = b"rtunnel!") -> None:
     """The relay is still processing frames: a PING comes back acknowledged."""
     await agent.send(frame(PING, 0, 0, data))
     await _expect_ack(agent, data)
@@ -116,7 +109,7 @@ def _settings(hello: Frame) -> dict[int, int]:
     "2", MUST, "upgrade on the URL's path with rtunnel.v1 and the token; the relay's first frame is HELLO"
 )
 async def _upgrade(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe, hello=False) as agent:
+    async with connected(target, probe, hello=False) as agent:
         first = await agent.next_frame()
         if first is None or first.type != HELLO:
             raise Unexpected("the first frame is not HELLO")
@@ -126,8 +119,8 @@ async def _upgrade(target: RelayTarget, probe: Probe) -> None:
 async def _any_path(target: RelayTarget, probe: Probe) -> None:
     parts = urllib.parse.urlsplit(target.url)
     url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/conformance/any/path", "", ""))
-    async with _agent(target, probe, url=url) as agent:
-        await _ping(agent)
+    async with connected(target, probe, url=url) as agent:
+        await ping(agent)
 
 
 async def _raw_upgrade(target: RelayTarget, probe: Probe, extra: list[str]) -> int:
@@ -181,7 +174,7 @@ async def _no_subprotocol(target: RelayTarget, probe: Probe) -> None:
 
 @suite.case("4.1", MUST, "the relay's HELLO: version 1, reserved 0, 4 + 6n octets, settings in range")
 async def _relay_hello(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe) as agent:
+    async with connected(target, probe) as agent:
         hello = agent.received[0]
         payload = hello.payload
         if (len(payload) - 4) % 6 or payload[:2] != b"\0\1" or payload[2:4] != b"\0\0":
@@ -197,19 +190,19 @@ async def _relay_hello(target: RelayTarget, probe: Probe) -> None:
 async def _hello_reserved(target: RelayTarget, probe: Probe) -> None:
     hello = bytearray(encode_hello([]))
     hello[11:13] = b"\xab\xcd"
-    async with _agent(target, probe, hello=bytes(hello)) as agent:
-        await _ping(agent)
+    async with connected(target, probe, hello=bytes(hello)) as agent:
+        await ping(agent)
 
 
 @suite.case("4.8", MUST, "a PING is answered with a PING ACK carrying the same 8 octets")
 async def _ping_ack(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe) as agent:
-        await _ping(agent, bytes(range(1, 9)))
+    async with connected(target, probe) as agent:
+        await ping(agent, bytes(range(1, 9)))
 
 
 @suite.case("2", MUST, "frames coalesced into one message are all processed, in order")
 async def _coalesced(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe) as agent:
+    async with connected(target, probe) as agent:
         await agent.send(*(frame(PING, 0, 0, struct.pack(">Q", i)) for i in range(3)))
         for i in range(3):
             await _expect_ack(agent, struct.pack(">Q", i))
@@ -217,28 +210,28 @@ async def _coalesced(target: RelayTarget, probe: Probe) -> None:
 
 @suite.case("2", MUST, "a frame split across two messages is accepted")
 async def _split(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe) as agent:
+    async with connected(target, probe) as agent:
         await agent.send_split(frame(PING, 0, 0, b"splitted"), 5)
         await _expect_ack(agent, b"splitted")
 
 
 @suite.case("2", MUST, "a message of 1 MiB of coalesced frames is accepted")
 async def _large_message(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe) as agent:
+    async with connected(target, probe) as agent:
         await agent.send(*one_mebibyte(frame(PING, 0, 0, b"mebibyte")))
         await _expect_ack(agent, b"mebibyte")
 
 
 @suite.case("2", MUST, "an empty binary message is ignored")
 async def _empty_message(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe) as agent:
+    async with connected(target, probe) as agent:
         await agent.send(b"")
-        await _ping(agent)
+        await ping(agent)
 
 
 @suite.case("3", MUST, "a frame of an unknown type is skipped, and undefined flags are ignored")
 async def _unknown_type(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe) as agent:
+    async with connected(target, probe) as agent:
         await agent.send(frame(0x20, 0xFF, 0, b"future"), frame(PING, 0xFE, 0, b"flagged!"))
         await _expect_ack(agent, b"flagged!")
 
@@ -248,14 +241,14 @@ async def _unknown_type(target: RelayTarget, probe: Probe) -> None:
 
 @suite.case("2.1", MUST, "a text message: GOAWAY PROTOCOL_ERROR, then Close 1003")
 async def _text(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe) as agent:
+    async with connected(target, probe) as agent:
         await agent.send_text("hello")
         await _connection_error(agent, ErrorCode.PROTOCOL_ERROR, transport.CLOSE_UNSUPPORTED_DATA)
 
 
 @suite.case("3.1", MUST, "a frame over the relay's MAX_FRAME_SIZE: GOAWAY FRAME_SIZE_ERROR, then Close 1002")
 async def _oversized(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe) as agent:
+    async with connected(target, probe) as agent:
         limit = _settings(agent.received[0]).get(1, 16384)
         await agent.send(frame(0x20, 0, 0, bytes(limit + 1)))
         await _connection_error(agent, ErrorCode.FRAME_SIZE_ERROR, transport.CLOSE_PROTOCOL_ERROR)
@@ -307,7 +300,7 @@ _ERRORS: list[tuple[str, str, bool | bytes, bytes, ErrorCode]] = [
 
 def _error_case(section: str, title: str, hello: bool | bytes, bad: bytes, code: ErrorCode) -> None:
     async def run(target: RelayTarget, probe: Probe) -> None:
-        async with _agent(target, probe, hello=hello) as agent:
+        async with connected(target, probe, hello=hello) as agent:
             await agent.send(bad)
             await _connection_error(agent, code, transport.CLOSE_PROTOCOL_ERROR)
 
@@ -320,261 +313,9 @@ for _section, _title, _hello, _bad, _code in _ERRORS:
 
 @suite.case("7", MUST, "an OPEN from the agent is refused with RESET(REFUSED_STREAM); the connection goes on")
 async def _refused_open(target: RelayTarget, probe: Probe) -> None:
-    async with _agent(target, probe) as agent:
+    async with connected(target, probe) as agent:
         await agent.send(frame(OPEN, END_STREAM, 1, b"\x03GET\x00\x01/\x00\x00"))
         reset = await agent.wait_for(RESET)
         if (reset.stream_id, reset.error_code) != (1, ErrorCode.REFUSED_STREAM):
             raise Unexpected(f"RESET {reset.error_code.name} on stream {reset.stream_id}")
-        await _ping(agent)
-
-
-# -- exchanges (need the relay's HTTP side) ----------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Answer:
-    interim: list[int]
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-
-async def _client(
-    target: RelayTarget,
-    probe: Probe,
-    method: bytes,
-    path: bytes,
-    headers: list[tuple[bytes, bytes]],
-    body: bytes = b"",
-    *,
-    wait_continue: bool = False,
-    http_version: bytes = b"1.1",
-) -> _Answer:
-    """One HTTP/1.1 request to the relay's HTTP side (a body needs its Content-Length in `headers`)."""
-    if target.http_url is None:
-        raise Skip("needs --http")
-    parts = urllib.parse.urlsplit(target.http_url)
-    probe.sent.append(f"HTTP request: {method.decode()} {path.decode()} {headers!r}")
-    stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
-    conn = h11.Connection(h11.CLIENT)
-    answer = _Answer([], 0, [], b"")
-    async with stream:
-        head = conn.send(h11.Request(method=method, target=path, headers=[(b"Host", b"app"), *headers]))
-        if http_version != b"1.1":  # h11 writes 1.1 only; the response parses the same
-            head = head.replace(b" HTTP/1.1\r\n", b" HTTP/" + http_version + b"\r\n", 1)
-        tail = (conn.send(h11.Data(data=body)) if body else b"") or b""
-        tail += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(head if wait_continue else head + tail)
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.InformationalResponse):
-                answer.interim.append(event.status_code)
-                if event.status_code == 100 and wait_continue:
-                    await stream.send_all(tail)
-            elif isinstance(event, h11.Response):
-                answer.status, answer.headers = event.status_code, list(event.headers.raw_items())
-            elif isinstance(event, h11.Data):
-                answer.body += event.data
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
-    probe.got.append(
-        f"HTTP response: interim {answer.interim}, status {answer.status}, {len(answer.body)} octets"
-    )
-    return answer
-
-
-async def _next_open(agent: HostileAgent) -> tuple[Frame, RequestHead]:
-    opened = await agent.wait_for(OPEN)
-    head = decode_request_head(opened.payload)
-    agent.got.append(f"  request head: {head.method!r} {head.target!r} {list(head.headers)!r}")
-    return opened, head
-
-
-def _reply(
-    stream_id: int, status: int, headers: tuple[tuple[bytes, bytes], ...] = (), *, end: bool = False
-) -> bytes:
-    head = encode_response_head(ResponseHead(status, b"", headers))
-    return frame(REPLY, END_STREAM if end else 0, stream_id, head)
-
-
-@asynccontextmanager
-async def _exchange(target: RelayTarget, probe: Probe) -> AsyncIterator[tuple[HostileAgent, trio.Nursery]]:
-    if target.http_url is None:
-        raise Skip("needs --http")
-    async with _agent(target, probe) as agent, trio.open_nursery() as nursery:
-        await _ping(agent)  # the relay has the agent in its table
-        yield agent, nursery
-
-
-_HOP_HEADERS = [
-    (b"Connection", b"X-Hop, keep-alive"),
-    (b"X-Hop", b"1"),
-    (b"Keep-Alive", b"timeout=5"),
-    (b"TE", b"trailers"),
-    (b"Proxy-Connection", b"x"),
-]
-
-
-@suite.case(
-    "5.4", MUST, "the OPEN: hop-by-hop headers removed, Content-Length kept, Via and X-Forwarded-For added"
-)
-async def _open_head(target: RelayTarget, probe: Probe) -> None:
-    async with _exchange(target, probe) as (agent, nursery):
-        answers: list[_Answer] = []
-
-        async def client() -> None:
-            headers = [(b"Content-Length", b"5"), *_HOP_HEADERS]
-            answers.append(await _client(target, probe, b"POST", b"/conformance/echo?q=1", headers, b"hello"))
-
-        nursery.start_soon(client)
-        opened, head = await _next_open(agent)
-        names = {name.lower() for name, _ in head.headers}
-        bad = names & {
-            b"connection",
-            b"x-hop",
-            b"keep-alive",
-            b"te",
-            b"proxy-connection",
-            b"transfer-encoding",
-        }
-        if bad:
-            raise Unexpected(f"hop-by-hop headers forwarded: {sorted(bad)}")
-        for needed in (b"via", b"x-forwarded-for", b"content-length", b"host"):
-            if needed not in names:
-                raise Unexpected(f"no {needed.decode()} header in the OPEN")
-        if (head.method, head.target) != (b"POST", b"/conformance/echo?q=1"):
-            raise Unexpected(f"request line {head.method!r} {head.target!r}")
-        body = b""
-        while not body.endswith(b"hello"):
-            got = await agent.wait_for(DATA)
-            body += got.payload
-        await agent.send(
-            _reply(opened.stream_id, 200, ((b"Content-Length", b"2"),)),
-            frame(DATA, END_STREAM, opened.stream_id, b"ok"),
-        )
-    if (answers[0].status, answers[0].body) != (200, b"ok"):
-        raise Unexpected(f"the client got {answers[0].status} {answers[0].body!r}")
-
-
-@suite.case(
-    "5.4", MUST, "Expect: 100-continue is forwarded; the agent's 100 reaches the client before its body"
-)
-async def _continue(target: RelayTarget, probe: Probe) -> None:
-    async with _exchange(target, probe) as (agent, nursery):
-        answers: list[_Answer] = []
-
-        async def client() -> None:
-            headers = [(b"Content-Length", b"5"), (b"Expect", b"100-continue")]
-            answers.append(
-                await _client(
-                    target, probe, b"PUT", b"/conformance/upload", headers, b"hello", wait_continue=True
-                )
-            )
-
-        nursery.start_soon(client)
-        opened, head = await _next_open(agent)
-        expect = [value for name, value in head.headers if name.lower() == b"expect"]
-        if expect != [b"100-continue"]:
-            raise Unexpected(f"Expect in the OPEN: {expect}")
-        await agent.send(_reply(opened.stream_id, 100))
-        got = await agent.wait_for(DATA)
-        await agent.send(_reply(opened.stream_id, 204, end=True))
-    if got.payload[:5] != b"hello" or answers[0].interim != [100] or answers[0].status != 204:
-        raise Unexpected(f"interim {answers[0].interim}, status {answers[0].status}, body {got.payload!r}")
-
-
-@suite.case(
-    "5.5", MUST, "an HTTP/1.0 request with Upgrade is ordinary: no Upgrade in the OPEN, END_STREAM set"
-)
-async def _upgrade_http10(target: RelayTarget, probe: Probe) -> None:
-    async with _exchange(target, probe) as (agent, nursery):
-        answers: list[_Answer] = []
-
-        async def client() -> None:
-            headers = [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
-            answers.append(
-                await _client(target, probe, b"GET", b"/conformance/ws", headers, http_version=b"1.0")
-            )
-
-        nursery.start_soon(client)
-        opened, head = await _next_open(agent)
-        names = {name.lower() for name, _ in head.headers}
-        if b"upgrade" in names or not opened.flags & END_STREAM:
-            raise Unexpected(f"forwarded as a protocol switch: flags {opened.flags}, headers {sorted(names)}")
-        await agent.send(_reply(opened.stream_id, 204, end=True))
-    if answers[0].status != 204:
-        raise Unexpected(f"the client got {answers[0].status}")
-
-
-async def _bad_reply(target: RelayTarget, probe: Probe, reply: bytes) -> None:
-    async with _exchange(target, probe) as (agent, nursery):
-        answers: list[_Answer] = []
-
-        async def client() -> None:
-            answers.append(await _client(target, probe, b"GET", b"/conformance/x", []))
-
-        nursery.start_soon(client)
-        opened, _ = await _next_open(agent)
-        await agent.send(_restream(reply, opened.stream_id))
-        reset = await agent.wait_for(RESET)
-        if reset.error_code is not ErrorCode.PROTOCOL_ERROR:
-            raise Unexpected(f"RESET {reset.error_code.name}, expected PROTOCOL_ERROR")
-    if answers[0].status != 502:
-        raise Unexpected(f"the client got {answers[0].status}, expected 502")
-
-
-def _restream(data: bytes, stream_id: int) -> bytes:
-    return data[:5] + u32(stream_id) + data[9:]
-
-
-@suite.case("4.3", MUST, "an interim REPLY with END_STREAM: RESET(PROTOCOL_ERROR), the client gets 502")
-async def _interim_end(target: RelayTarget, probe: Probe) -> None:
-    await _bad_reply(target, probe, _reply(0, 103, end=True))
-
-
-@suite.case(
-    "5.5", MUST, "a 101 to a request that did not ask to switch: RESET(PROTOCOL_ERROR), the client gets 502"
-)
-async def _unasked_101(target: RelayTarget, probe: Probe) -> None:
-    await _bad_reply(target, probe, _reply(0, 101, ((b"Upgrade", b"websocket"), (b"Connection", b"upgrade"))))
-
-
-@suite.case("10.1", MUST, "a stream refused with REFUSED_STREAM is sent again, on another connection")
-async def _refused_retry(target: RelayTarget, probe: Probe) -> None:
-    async with _exchange(target, probe) as (first, nursery), _agent(target, probe) as second:
-        await _ping(second)
-        answers: list[_Answer] = []
-
-        async def client() -> None:
-            headers = [(b"Content-Length", b"0")]
-            answers.append(await _client(target, probe, b"POST", b"/conformance/once", headers))
-
-        nursery.start_soon(client)
-        agents = [first, second]
-        with trio.fail_after(target.timeout):
-            refused = await _first_open(agents)
-        await refused[0].send(frame(RESET, 0, refused[1].stream_id, u32(ErrorCode.REFUSED_STREAM)))
-        other = second if refused[0] is first else first
-        opened, _ = await _next_open(other)
-        await other.send(_reply(opened.stream_id, 204, end=True))
-    if answers[0].status != 204:
-        raise Unexpected(f"the client got {answers[0].status}, expected 204 from the second agent")
-
-
-async def _first_open(agents: list[HostileAgent]) -> tuple[HostileAgent, Frame]:
-    """The agent the relay sent its OPEN to, and that OPEN."""
-    found: list[tuple[HostileAgent, Frame]] = []
-    async with trio.open_nursery() as nursery:
-
-        async def watch(agent: HostileAgent) -> None:
-            opened = await agent.wait_for(OPEN)
-            found.append((agent, opened))
-            nursery.cancel_scope.cancel()
-
-        for agent in agents:
-            nursery.start_soon(watch, agent)
-    return found[0]
+        await ping(agent)

@@ -78,8 +78,9 @@ class Probe:
 class Suite(Generic[Target]):
     """The cases of one side, in the order they run."""
 
-    def __init__(self) -> None:
-        self.cases: list[Case[Target]] = []
+    def __init__(self, *parts: Suite[Target]) -> None:
+        """An empty suite, or the cases of `parts`, in order."""
+        self.cases: list[Case[Target]] = [case for part in parts for case in part.cases]
 
     def case(
         self, section: str, level: Level, title: str
