@@ -79,6 +79,31 @@ async def _client(
     return answer
 
 
+def _request(
+    nursery: trio.Nursery,
+    target: RelayTarget,
+    probe: Probe,
+    method: bytes,
+    path: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes = b"",
+    *,
+    wait_continue: bool = False,
+    http_version: bytes = b"1.1",
+) -> list[_Answer]:
+    """Start one client request (see _client) in the background; its answer lands in the list returned."""
+    answers: list[_Answer] = []
+
+    async def client() -> None:
+        answer = await _client(
+            target, probe, method, path, headers, body, wait_continue=wait_continue, http_version=http_version
+        )
+        answers.append(answer)
+
+    nursery.start_soon(client)
+    return answers
+
+
 async def _next_open(agent: HostileAgent) -> tuple[Frame, RequestHead]:
     opened = await agent.wait_for(OPEN)
     head = decode_request_head(opened.payload)
@@ -116,13 +141,8 @@ _HOP_HEADERS = [
 )
 async def _open_head(target: RelayTarget, probe: Probe) -> None:
     async with _exchange(target, probe) as (agent, nursery):
-        answers: list[_Answer] = []
-
-        async def client() -> None:
-            headers = [(b"Content-Length", b"5"), *_HOP_HEADERS]
-            answers.append(await _client(target, probe, b"POST", b"/conformance/echo?q=1", headers, b"hello"))
-
-        nursery.start_soon(client)
+        headers = [(b"Content-Length", b"5"), *_HOP_HEADERS]
+        answers = _request(nursery, target, probe, b"POST", b"/conformance/echo?q=1", headers, b"hello")
         opened, head = await _next_open(agent)
         names = {name.lower() for name, _ in head.headers}
         bad = names & {
@@ -157,17 +177,10 @@ async def _open_head(target: RelayTarget, probe: Probe) -> None:
 )
 async def _continue(target: RelayTarget, probe: Probe) -> None:
     async with _exchange(target, probe) as (agent, nursery):
-        answers: list[_Answer] = []
-
-        async def client() -> None:
-            headers = [(b"Content-Length", b"5"), (b"Expect", b"100-continue")]
-            answers.append(
-                await _client(
-                    target, probe, b"PUT", b"/conformance/upload", headers, b"hello", wait_continue=True
-                )
-            )
-
-        nursery.start_soon(client)
+        headers = [(b"Content-Length", b"5"), (b"Expect", b"100-continue")]
+        answers = _request(
+            nursery, target, probe, b"PUT", b"/conformance/upload", headers, b"hello", wait_continue=True
+        )
         opened, head = await _next_open(agent)
         expect = [value for name, value in head.headers if name.lower() == b"expect"]
         if expect != [b"100-continue"]:
@@ -184,15 +197,8 @@ async def _continue(target: RelayTarget, probe: Probe) -> None:
 )
 async def _upgrade_http10(target: RelayTarget, probe: Probe) -> None:
     async with _exchange(target, probe) as (agent, nursery):
-        answers: list[_Answer] = []
-
-        async def client() -> None:
-            headers = [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
-            answers.append(
-                await _client(target, probe, b"GET", b"/conformance/ws", headers, http_version=b"1.0")
-            )
-
-        nursery.start_soon(client)
+        headers = [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
+        answers = _request(nursery, target, probe, b"GET", b"/conformance/ws", headers, http_version=b"1.0")
         opened, head = await _next_open(agent)
         names = {name.lower() for name, _ in head.headers}
         if b"upgrade" in names or not opened.flags & END_STREAM:
@@ -204,12 +210,7 @@ async def _upgrade_http10(target: RelayTarget, probe: Probe) -> None:
 
 async def _bad_reply(target: RelayTarget, probe: Probe, reply: bytes) -> None:
     async with _exchange(target, probe) as (agent, nursery):
-        answers: list[_Answer] = []
-
-        async def client() -> None:
-            answers.append(await _client(target, probe, b"GET", b"/conformance/x", []))
-
-        nursery.start_soon(client)
+        answers = _request(nursery, target, probe, b"GET", b"/conformance/x", [])
         opened, _ = await _next_open(agent)
         await agent.send(_restream(reply, opened.stream_id))
         reset = await agent.wait_for(RESET)
@@ -239,13 +240,8 @@ async def _unasked_101(target: RelayTarget, probe: Probe) -> None:
 async def _refused_retry(target: RelayTarget, probe: Probe) -> None:
     async with _exchange(target, probe) as (first, nursery), connected(target, probe) as second:
         await ping(second)
-        answers: list[_Answer] = []
-
-        async def client() -> None:
-            headers = [(b"Content-Length", b"0")]
-            answers.append(await _client(target, probe, b"POST", b"/conformance/once", headers))
-
-        nursery.start_soon(client)
+        headers = [(b"Content-Length", b"0")]
+        answers = _request(nursery, target, probe, b"POST", b"/conformance/once", headers)
         agents = [first, second]
         with trio.fail_after(target.timeout):
             refused = await _first_open(agents)
