@@ -31,18 +31,20 @@ class _Answer:
     body: bytes
 
 
-async def _client(
-    target: RelayTarget,
-    probe: Probe,
-    method: bytes,
-    path: bytes,
-    headers: list[tuple[bytes, bytes]],
-    body: bytes = b"",
-    *,
-    wait_continue: bool = False,
-    http_version: bytes = b"1.1",
-) -> _Answer:
-    """One HTTP/1.1 request to the relay's HTTP side (a body needs its Content-Length in `headers`)."""
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    method: bytes
+    path: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""  # needs its Content-Length in `headers`
+    wait_continue: bool = False  # send the body only after a 100
+    http_version: bytes = b"1.1"
+
+
+async def _client(target: RelayTarget, probe: Probe, request: _Request) -> _Answer:
+    """One request to the relay's HTTP side, on a connection of its own."""
+    method, path, headers, body = request.method, request.path, request.headers, request.body
+    wait_continue, http_version = request.wait_continue, request.http_version
     if target.http_url is None:
         raise Skip("needs --http")
     parts = urllib.parse.urlsplit(target.http_url)
@@ -79,26 +81,12 @@ async def _client(
     return answer
 
 
-def _request(
-    nursery: trio.Nursery,
-    target: RelayTarget,
-    probe: Probe,
-    method: bytes,
-    path: bytes,
-    headers: list[tuple[bytes, bytes]],
-    body: bytes = b"",
-    *,
-    wait_continue: bool = False,
-    http_version: bytes = b"1.1",
-) -> list[_Answer]:
-    """Start one client request (see _client) in the background; its answer lands in the list returned."""
+def _request(nursery: trio.Nursery, target: RelayTarget, probe: Probe, request: _Request) -> list[_Answer]:
+    """Start one client request in the background; its answer lands in the list returned."""
     answers: list[_Answer] = []
 
     async def client() -> None:
-        answer = await _client(
-            target, probe, method, path, headers, body, wait_continue=wait_continue, http_version=http_version
-        )
-        answers.append(answer)
+        answers.append(await _client(target, probe, request))
 
     nursery.start_soon(client)
     return answers
@@ -142,7 +130,9 @@ _HOP_HEADERS = [
 async def _open_head(target: RelayTarget, probe: Probe) -> None:
     async with _exchange(target, probe) as (agent, nursery):
         headers = [(b"Content-Length", b"5"), *_HOP_HEADERS]
-        answers = _request(nursery, target, probe, b"POST", b"/conformance/echo?q=1", headers, b"hello")
+        answers = _request(
+            nursery, target, probe, _Request(b"POST", b"/conformance/echo?q=1", headers, b"hello")
+        )
         opened, head = await _next_open(agent)
         names = {name.lower() for name, _ in head.headers}
         bad = names & {
@@ -179,7 +169,10 @@ async def _continue(target: RelayTarget, probe: Probe) -> None:
     async with _exchange(target, probe) as (agent, nursery):
         headers = [(b"Content-Length", b"5"), (b"Expect", b"100-continue")]
         answers = _request(
-            nursery, target, probe, b"PUT", b"/conformance/upload", headers, b"hello", wait_continue=True
+            nursery,
+            target,
+            probe,
+            _Request(b"PUT", b"/conformance/upload", headers, b"hello", wait_continue=True),
         )
         opened, head = await _next_open(agent)
         expect = [value for name, value in head.headers if name.lower() == b"expect"]
@@ -198,7 +191,9 @@ async def _continue(target: RelayTarget, probe: Probe) -> None:
 async def _upgrade_http10(target: RelayTarget, probe: Probe) -> None:
     async with _exchange(target, probe) as (agent, nursery):
         headers = [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
-        answers = _request(nursery, target, probe, b"GET", b"/conformance/ws", headers, http_version=b"1.0")
+        answers = _request(
+            nursery, target, probe, _Request(b"GET", b"/conformance/ws", headers, http_version=b"1.0")
+        )
         opened, head = await _next_open(agent)
         names = {name.lower() for name, _ in head.headers}
         if b"upgrade" in names or not opened.flags & END_STREAM:
@@ -210,7 +205,7 @@ async def _upgrade_http10(target: RelayTarget, probe: Probe) -> None:
 
 async def _bad_reply(target: RelayTarget, probe: Probe, reply: bytes) -> None:
     async with _exchange(target, probe) as (agent, nursery):
-        answers = _request(nursery, target, probe, b"GET", b"/conformance/x", [])
+        answers = _request(nursery, target, probe, _Request(b"GET", b"/conformance/x", []))
         opened, _ = await _next_open(agent)
         await agent.send(_restream(reply, opened.stream_id))
         reset = await agent.wait_for(RESET)
@@ -241,7 +236,7 @@ async def _refused_retry(target: RelayTarget, probe: Probe) -> None:
     async with _exchange(target, probe) as (first, nursery), connected(target, probe) as second:
         await ping(second)
         headers = [(b"Content-Length", b"0")]
-        answers = _request(nursery, target, probe, b"POST", b"/conformance/once", headers)
+        answers = _request(nursery, target, probe, _Request(b"POST", b"/conformance/once", headers))
         agents = [first, second]
         with trio.fail_after(target.timeout):
             refused = await _first_open(agents)
