@@ -313,6 +313,20 @@ for _refusal in _REFUSED:
     _refusal_case(*_refusal)
 
 
+@suite.case("5.4.1", MUST, "an empty Host is forwarded as it is; a missing one is added, naming the upstream")
+async def _host(session: Session, probe: Probe) -> None:
+    link = await session.connection(probe)
+    _, empty = await _answer(link, await link.open(b"GET", b"/conformance/empty-host", host=b""))
+    _, missing = await _answer(link, await link.open(b"GET", b"/conformance/no-host", host=None))
+    authority = session.upstream.address.removeprefix("http://").encode()
+    hosts = [
+        [line for line in body.lower().split(b"\r\n") if line.startswith(b"host:")]
+        for body in (empty, missing)
+    ]
+    if hosts != [[b"host: "], [b"host: " + authority]]:
+        raise Unexpected(f"the upstream saw Host lines {hosts}")
+
+
 @suite.case("5.4", MUST, "the upstream's hop-by-hop and framing headers are removed from the REPLY")
 async def _hop(session: Session, probe: Probe) -> None:
     link = await session.connection(probe)
