@@ -8,6 +8,9 @@ from collections.abc import Sequence
 
 import trio
 
+from rtunnel import transport
+from rtunnel.config import ConfigError, client_tls_context
+
 from . import relay_cases, relay_exchanges
 from .agent_cases import AgentTarget, StartFailed, run_agent_suite
 from .relay_cases import RelayTarget
@@ -17,24 +20,31 @@ RELAY_SUITE = Suite(relay_cases.suite, relay_exchanges.suite)
 
 
 def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--timeout", type=float, default=5.0, help="seconds each case may take (default 5)")
+    common.add_argument(
+        "--only", metavar="TEXT", help="run only the cases whose title contains TEXT (or section)"
+    )
+    common.add_argument(
+        "-q", "--quiet", action="store_true", help="show what was sent and received for failures only"
+    )
     parser = argparse.ArgumentParser(
         prog="python -m rtunnel.conformance", description="check an rtunnel.v1 relay or agent against SPEC.md"
     )
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds each case may take (default 5)")
-    parser.add_argument(
-        "--only", metavar="TEXT", help="run only the cases whose title contains TEXT (or section)"
-    )
-    parser.add_argument(
-        "-q", "--quiet", action="store_true", help="show what was sent and received for failures only"
-    )
     sides = parser.add_subparsers(dest="side", required=True)
-    relay = sides.add_parser("relay", help="dial a relay as a scripted agent")
+    relay = sides.add_parser("relay", parents=[common], help="dial a relay as a scripted agent")
     relay.add_argument("url", metavar="ws://HOST:PORT", help="where the relay accepts agents")
     relay.add_argument("--token", help="a token the relay accepts")
     relay.add_argument(
         "--http", metavar="http://HOST:PORT", help="the relay's HTTP side, for the cases that need a client"
     )
-    agent = sides.add_parser("agent", help="be the relay (and the upstream) of an agent started by COMMAND")
+    relay.add_argument(
+        "--ca", metavar="FILE", help="CA bundle to verify a wss:// relay (default: system CAs)"
+    )
+    relay.add_argument("--insecure", action="store_true", help="do not verify a wss:// relay's certificate")
+    agent = sides.add_parser(
+        "agent", parents=[common], help="be the relay (and the upstream) of an agent started by COMMAND"
+    )
     agent.add_argument("--token", default="conformance-token", help="the token to fill in for {token}")
     agent.add_argument(
         "command",
@@ -45,35 +55,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _main(args: argparse.Namespace) -> bool:
-    if args.side == "relay":
-        target = RelayTarget(args.url, args.token, args.http, args.timeout)
-        outcomes = await RELAY_SUITE.run(target, timeout=args.timeout * 3, only=args.only)
+async def _main(target: RelayTarget | AgentTarget, args: argparse.Namespace) -> bool:
+    if isinstance(target, RelayTarget):
+        outcomes = await RELAY_SUITE.run(target, timeout=target.timeout * 3, only=args.only)
     else:
+        outcomes = await run_agent_suite(target, only=args.only)
+    return report(outcomes, verbose=not args.quiet)
+
+
+def _target(args: argparse.Namespace) -> RelayTarget | AgentTarget:
+    """What to check, from the arguments; ValueError (one line) for bad ones."""
+    if args.side == "agent":
         command = list(args.command)
         if command[:1] == ["--"]:
             command = command[1:]
-        outcomes = await run_agent_suite(AgentTarget(command, args.token, args.timeout), only=args.only)
-    return report(outcomes, verbose=not args.quiet)
+        if not command:
+            raise ValueError("give the agent's command after --")
+        return AgentTarget(command, args.token, args.timeout)
+    transport.parse_relay_url(args.url)
+    try:
+        tls = client_tls_context(args.ca, args.insecure) if args.url.startswith("wss:") else None
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return RelayTarget(args.url, args.token, args.http, args.timeout, tls)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.side == "agent" and not [part for part in args.command if part != "--"]:
-        print("python -m rtunnel.conformance agent: give the agent's command after --", file=sys.stderr)
+    try:
+        target = _target(args)
+    except ValueError as exc:
+        print(f"python -m rtunnel.conformance {args.side}: {exc}", file=sys.stderr)
         return 2
-    if args.side == "relay":
-        from rtunnel import transport
-
-        try:
-            transport.parse_relay_url(args.url)
-        except ValueError as exc:
-            print(f"python -m rtunnel.conformance relay: {exc}", file=sys.stderr)
-            return 2
     failure = ""
     passed = interrupted = False
     try:
-        passed = trio.run(_main, args)
+        passed = trio.run(_main, target, args)
     except* StartFailed as group:
         failure = str(leaf(group))
     except* KeyboardInterrupt:

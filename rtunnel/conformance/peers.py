@@ -22,6 +22,7 @@ and received, and the peer's WebSocket Close, for the runner's report.
 from __future__ import annotations
 
 import dataclasses
+import ssl
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -273,11 +274,12 @@ async def hostile_agent(
     hello: bool | bytes = True,
     timeout: float = TIMEOUT,
     extra_headers: Sequence[tuple[str, str]] = (),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[HostileAgent]:
     """Connect to a relay and exchange HELLOs (ours with `settings`, or exactly the octets `hello`; False: none
     is sent, and the relay's is left unread)."""
     async with transport.connect(
-        url, token=token, ssl_context=None, connect_timeout=timeout, extra_headers=extra_headers
+        url, token=token, ssl_context=ssl_context, connect_timeout=timeout, extra_headers=extra_headers
     ) as link:
         agent = HostileAgent(link, timeout)
         if hello is not False:

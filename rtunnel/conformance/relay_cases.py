@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import ssl
 import struct
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -49,6 +50,7 @@ class RelayTarget:
     token: str | None
     http_url: str | None = None  # http://HOST:PORT, where clients connect (None: those cases are skipped)
     timeout: float = 5.0
+    ssl_context: ssl.SSLContext | None = None  # for wss:// (None: the system's CAs)
 
 
 suite: Suite[RelayTarget] = Suite()
@@ -58,7 +60,9 @@ suite: Suite[RelayTarget] = Suite()
 async def connected(
     target: RelayTarget, probe: Probe, *, hello: bool | bytes = True, url: str | None = None
 ) -> AsyncIterator[HostileAgent]:
-    async with hostile_agent(url or target.url, target.token, hello=hello, timeout=target.timeout) as agent:
+    async with hostile_agent(
+        url or target.url, target.token, hello=hello, timeout=target.timeout, ssl_context=target.ssl_context
+    ) as agent:
         probe.watch(agent)
         yield agent
 

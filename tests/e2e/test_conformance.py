@@ -8,9 +8,11 @@ from __future__ import annotations
 import re
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
 from protocol import ErrorCode
 from rtunnel import transport
@@ -65,7 +67,7 @@ async def test_a_relay_that_sends_no_hello_fails() -> None:
     # A WebSocket server that accepts rtunnel.v1 but never speaks it (nobody takes its connections): the PING
     # cases fail with a one-line reason, and the exit status says so.
     async with hostile_relay(timeout=1) as silent:
-        args = ["--timeout", "0.5", "--only", "4.8", "relay", silent.url, "--token", "t"]
+        args = ["relay", silent.url, "--token", "t", "--timeout", "0.5", "--only", "4.8"]
         async with run_process(
             ManagedProcess, "conformance", [*RUNNER, *args], expect_returncode=1
         ) as runner:
@@ -121,3 +123,30 @@ async def test_a_draining_relay_turns_new_agents_away_with_1001(token: str) -> N
             assert close is not None and close[0] == transport.CLOSE_GOING_AWAY
             await held.aclose()
         await relay.wait_exit()
+
+
+async def test_a_wss_relay_is_checked_with_its_ca(tmp_path: Path, token: str) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    server = ca.issue_cert("127.0.0.1")
+    server.private_key_pem.write_to_path(tmp_path / "key.pem")
+    for i, blob in enumerate(server.cert_chain_pems):
+        blob.write_to_path(tmp_path / "relay.pem", append=i > 0)
+    tls = ["--tls-cert", str(tmp_path / "relay.pem"), "--tls-key", str(tmp_path / "key.pem")]
+    async with run_relay(token, extra_args=tls) as relay:
+        assert relay.agents_url.startswith("wss://")
+        args = [
+            "relay",
+            relay.agents_url,
+            "--token",
+            token,
+            "--only",
+            "4.8",
+            "--ca",
+            str(tmp_path / "ca.pem"),
+        ]
+        verdicts = await _run(args, 0)
+        # Without the CA the certificate is not trusted: every case fails, saying why.
+        untrusted = await _run(["relay", relay.agents_url, "--token", token, "--only", "4.8", "-q"], 1)
+    assert [v[0] for v in verdicts] == ["PASS", "PASS"]
+    assert [v[0] for v in untrusted] == ["FAIL", "FAIL"]
