@@ -145,7 +145,8 @@ def describe(item: Frame) -> str:
         if item.type == GOAWAY:
             text += f" last-stream-id={int.from_bytes(payload[:4], 'big') & 0x7FFFFFFF}"
             if payload[8:]:
-                text += f" debug={payload[8:80].decode('utf-8', 'replace')!r}"
+                debug = payload[8:].decode("utf-8", "replace")
+                text += f" debug={debug[:24]!r}" + ("..." if len(debug) > 24 else "")
     elif item.type == HELLO and len(payload) >= 4:
         text += (
             f" version={int.from_bytes(payload[:2], 'big')} reserved={int.from_bytes(payload[2:4], 'big')}"
