@@ -72,8 +72,8 @@ def load_app(spec: str, *, app_dir: str = ".", factory: bool = False, interface:
     if not callable(app):
         kind = type(app).__name__
         raise AppLoadError(
-            f"--app {spec!r}: {attr!r} in module {module_name!r} is a {kind}, neither a WSGI nor an ASGI "
-            "application" + ("" if factory else " (a factory? add --factory)")
+            f"--app {spec!r}: {attr!r} in module {module_name!r} is not callable ({kind}): neither a WSGI "
+            "nor an ASGI application"
         )
     forced: Interface = "asgi" if interface == "asgi" else "wsgi"
     return LoadedApp(app, detect_interface(app) if interface == "auto" else forced, spec)

@@ -630,7 +630,8 @@ def _app_service(args: argparse.Namespace) -> AppService | None:
         try:
             loaded = load_app(args.app, app_dir=args.app_dir, factory=args.factory, interface=args.interface)
         except AppLoadError as exc:
-            log.debug("loading --app %s failed", args.app, exc_info=exc.__cause__ or exc)
+            if exc.__cause__ is not None:  # the app's own exception: its traceback, for --log-level debug
+                log.debug("loading --app %s failed", args.app, exc_info=exc.__cause__)
             raise ConfigError(str(exc)) from None
     else:
         interface = detect_interface(args.app) if args.interface == "auto" else args.interface
