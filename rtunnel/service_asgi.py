@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import trio
 
-from .lifespan import Lifespan, StartupError
+from .lifespan import Lifespan, StartupError, needs_asyncio
 from .mux import StreamReset
 from .service import (
     READ_SIZE,
@@ -186,7 +186,8 @@ class _HttpCall:
             if isinstance(exc, ClientDisconnected) and self.disconnected:
                 log.info("%s: the client went away", what)
                 return
-            log.error("%s: the ASGI app raised", what, exc_info=exc)
+            hint = " (it needs asyncio: serve it with uvicorn and --upstream)" if needs_asyncio(exc) else ""
+            log.error("%s: the ASGI app raised%s", what, hint, exc_info=exc)
             await fail(self.exchange, repr(exc), head_sent=self.head_sent)
             return
         if self.complete or self.disconnected or self.exchange.finished:

@@ -177,3 +177,24 @@ def test_exactly_one_of_upstream_and_app(both: bool) -> None:
     assert result.stderr.strip() == (
         "rtunnel dial: error: give exactly one of --upstream URL and --app MODULE:ATTR"
     )
+
+
+async def test_django_app_in_the_agent_behind_a_named_tunnel_prefix(token: str) -> None:
+    from .procs import run_relay
+
+    async with (
+        run_relay(token, extra_args=["--tunnel", "site=prefix:/site"]) as relay,
+        run_app_agent(relay, "django_app:application", token=token, extra_args=["--tunnel", "site"]),
+        http_client(relay.http_url) as client,
+    ):
+        hello = await client.get("/site/hello")
+        assert hello.json() == {
+            "hello": "django",
+            "remote": "127.0.0.1",
+            "script_name": "/site",
+            "path": "/site/hello",  # Django puts SCRIPT_NAME back in front: its links go through the tunnel
+            "absolute": f"http://127.0.0.1:{relay.http_port}/site/hello",
+        }
+        body = b"django" * 100_000
+        sha = await client.post("/site/sha", content=body)
+        assert sha.json() == {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
