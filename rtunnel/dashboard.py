@@ -78,7 +78,7 @@ class Dashboard:
         self.replayer = replayer
         self.info = info or {}  # fixed facts the page shows (agent: the allowlist in force)
         self.nursery: trio.Nursery | None = None  # set by the admin server: where replays run
-        self._replays = trio.CapacityLimiter(MAX_REPLAYS)
+        self._replays = 0  # in progress
         self._files = _static_files()
 
     # -- pages ----------------------------------------------------------------------------------------
@@ -234,10 +234,9 @@ class Dashboard:
             return _json(409, {"error": f"{capture.method} is not idempotent: confirm", "confirm": True})
         if self.nursery is None:
             return Reply(503, b"the admin endpoint is not running\n")
-        try:
-            self._replays.acquire_nowait()
-        except trio.WouldBlock:
+        if self._replays >= MAX_REPLAYS:
             return Reply(429, b"too many replays in progress\n", headers=[(b"Retry-After", b"1")])
+        self._replays += 1
         request_id = new_request_id()
         self.inspector.expect_replay(request_id, capture.id)
         self.nursery.start_soon(self._run_replay, self.replayer, capture, request_id)
@@ -249,7 +248,7 @@ class Dashboard:
         except Exception as exc:  # a replay that fails shows as its exchange (or not at all): log why
             log.warning("replay of exchange %d failed: %s", capture.id, exc)
         finally:
-            self._replays.release()
+            self._replays -= 1
 
 
 def _event(name: str, data: object) -> bytes:
