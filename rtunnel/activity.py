@@ -61,7 +61,7 @@ class Activity:
                 "method": access.method,
                 "path": access.path,
                 "status": access.status,
-                "reason": access.note or ("reset before a response" if access.status is None else ""),
+                "reason": access.note or _unexplained(self.role, access.status),
                 "request_id": access.request_id,
             }
         )
@@ -83,3 +83,10 @@ class Activity:
             "errors": [e for e in self.errors if e["seq"] > seq],
             "refusals": [e for e in self.refusals if e["seq"] > seq],
         }
+
+
+def _unexplained(role: str, status: int | None) -> str:
+    """What is known of an error this end did not make itself."""
+    if status is None:
+        return "reset before a response"
+    return f"the {'agent' if role == 'relay' else 'upstream'} answered {status}"

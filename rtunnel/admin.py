@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .adminauth import AdminAuth
 from .adminhttp import AdminRequest, Reply
 from .config import parse_address
-from .dashboard import PAGES, Dashboard
+from .dashboard import LOGIN_PATHS, PAGES, Dashboard
 from .metrics import Metrics
 
 __all__ = ["DEFAULT_ADMIN", "AdminServer", "format_status", "parse_admin_address", "run_status"]
@@ -85,6 +85,7 @@ class AdminServer:
             )
             sockname = listeners[0].socket.getsockname()
             self.address = (str(sockname[0]), int(sockname[1]))
+            self.auth.port = self.address[1]
             log.info(
                 "admin listening on http://%s:%d (/ /healthz /readyz /metrics /status.json)%s",
                 *self.address,
@@ -181,7 +182,7 @@ class AdminServer:
                 403, b"unexpected Host header: use an IP address or localhost, or set --admin-token\n"
             )
         principal = auth.authenticate(request.headers)
-        if path in ("/login", "/logout"):
+        if path in LOGIN_PATHS:
             return self.dashboard.login(request, auth, principal)
         if principal is None:
             if request.method == b"GET" and path in PAGES:

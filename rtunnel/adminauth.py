@@ -62,6 +62,11 @@ class AdminAuth:
         self._bind_host = bind_host.strip("[]").lower()
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._throttle = AuthThrottle(5, 60.0, what="admin logins")
+        self.port = 0  # set once listening: cookies do not tell ports apart, so the name does
+
+    @property
+    def cookie_name(self) -> str:
+        return f"{SESSION_COOKIE}_{self.port}"
 
     @property
     def required(self) -> bool:
@@ -104,7 +109,7 @@ class AdminAuth:
                 continue
             for part in value.decode("latin-1").split(";"):
                 key, _, sid = part.strip().partition("=")
-                if key != SESSION_COOKIE:
+                if key != self.cookie_name:
                     continue
                 session = self._sessions.get(sid)
                 if session is not None and now - session.last_used < SESSION_IDLE:
@@ -147,5 +152,5 @@ class AdminAuth:
 
     def cookie(self, session: Session) -> bytes:
         return (
-            f"{SESSION_COOKIE}={session.id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={int(SESSION_IDLE)}"
+            f"{self.cookie_name}={session.id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={int(SESSION_IDLE)}"
         ).encode()

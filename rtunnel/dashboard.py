@@ -20,7 +20,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
-from .adminauth import SESSION_COOKIE
 from .adminhttp import AdminRequest, Reply
 from .inspector import Capture, Inspector
 from .logs import new_request_id
@@ -29,11 +28,14 @@ from .metrics import Metrics
 if TYPE_CHECKING:
     from .adminauth import AdminAuth, Principal
 
-__all__ = ["PAGES", "Dashboard", "Replayer"]
+__all__ = ["LOGIN_PATHS", "PAGES", "Dashboard", "Replayer"]
 
 log = logging.getLogger("rtunnel.admin")
 
 PAGES: Final = frozenset({"/", "/inspector"})
+# What anyone may fetch without the admin token: the login form and its style sheet (no data in either).
+LOGIN_STYLE: Final = "/static/style.css"
+LOGIN_PATHS: Final = frozenset({"/login", "/logout", LOGIN_STYLE})
 TICK: Final = 1.0
 HEARTBEAT: Final = 15.0
 MAX_ROWS: Final = 500  # rows a snapshot or an update carries at most (the page keeps as many)
@@ -53,7 +55,8 @@ SECURITY_HEADERS: Final = [
     ),
     (b"X-Content-Type-Options", b"nosniff"),
     (b"X-Frame-Options", b"DENY"),
-    (b"Referrer-Policy", b"no-referrer"),
+    # Not no-referrer: with it, a browser sends "Origin: null" on the login form's POST.
+    (b"Referrer-Policy", b"same-origin"),
 ]
 
 Replayer = Callable[[Capture, str], Awaitable[None]]
@@ -116,6 +119,9 @@ class Dashboard:
         return self.inspector.get(int(text))
 
     def login(self, request: AdminRequest, auth: AdminAuth, principal: Principal | None) -> Reply:
+        """/login (the form, and its POST), /logout, and the login page's style sheet."""
+        if request.path == LOGIN_STYLE:
+            return Reply(200, self._files["style.css"], _TYPES[".css"], list(SECURITY_HEADERS))
         if request.path == "/logout":
             if request.method != b"POST":
                 return Reply(405, b"method not allowed\n", headers=[(b"Allow", b"POST")])
@@ -125,7 +131,7 @@ class Dashboard:
                 and auth.csrf_ok(principal, request.headers)
             ):
                 auth.end_session(principal.session)
-            expire = f"{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0".encode()
+            expire = f"{auth.cookie_name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0".encode()
             return Reply(303, b"logged out\n", headers=[(b"Location", b"/login"), (b"Set-Cookie", expire)])
         if not auth.required:
             return Reply(303, b"no login needed\n", headers=[(b"Location", b"/")])
