@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import json
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, cast
@@ -49,7 +50,7 @@ class Body:
         return not self.dropped and self.captured == self.size
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: captures live in a WeakSet while in progress
 class Capture:
     id: int
     side: str  # "relay" or "agent"
@@ -137,6 +138,9 @@ class Inspector:
         self._ids = itertools.count(1)
         self._in_flight_budget = limit * 2 * max_body
         self._in_flight_bytes = 0
+        # Captures begun and not finished. An exchange that never finishes (its task cancelled on the way)
+        # drops out of this set with its last reference, so the budget it used comes back (see _take).
+        self._in_flight: weakref.WeakSet[Capture] = weakref.WeakSet()
         self._replays: OrderedDict[str, int] = OrderedDict()
 
     # -- recording ------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ class Inspector:
     ) -> Capture:
         redact = self.redactor
         replay_of = None if request_id is None else self._replays.pop(request_id, None)
-        return Capture(
+        capture = Capture(
             id=next(self._ids),
             side=side,
             started=time.time(),
@@ -166,14 +170,17 @@ class Inspector:
             replay_of=replay_of,
             inspector=self,
         )
+        self._in_flight.add(capture)
+        return capture
 
     def _release(self, capture: Capture) -> None:
         for body in (capture.request, capture.response):
-            self._in_flight_bytes -= len(body.data)
+            self._in_flight_bytes -= body.captured
 
     def finish(self, capture: Capture, access: Access) -> None:
         """The exchange is over: redact its bodies and make it visible (evicting the oldest beyond N)."""
         self._release(capture)
+        self._in_flight.discard(capture)
         capture.status = access.status
         capture.duration_ms = access.duration_ms
         capture.note = access.note
@@ -205,8 +212,11 @@ class Inspector:
         if room <= 0 or body.dropped or not size:
             return
         if self._in_flight_bytes >= self._in_flight_budget:
-            body.dropped = True
-            return
+            # Recount from the captures still alive: abandoned ones no longer hold any of the budget.
+            self._in_flight_bytes = sum(c.request.captured + c.response.captured for c in self._in_flight)
+            if self._in_flight_bytes >= self._in_flight_budget:
+                body.dropped = True
+                return
         piece = bytes(data[:room])
         body.data += piece
         body.captured += len(piece)

@@ -12,7 +12,6 @@ from urllib.parse import quote
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtunnel.inspector import Inspector, hex_dump
 from rtunnel.redact import REDACTED, Redactor
 
 MARK = "S3CRT"
@@ -162,13 +161,3 @@ def test_the_word_list_is_configurable() -> None:
 def test_a_json_body_without_secrets_is_kept_byte_for_byte() -> None:
     data = b'{ "a" : 1,\n "b": [true] }'
     assert Redactor().body(data, b"application/json") == data
-
-
-def test_bodies_are_shown_as_json_text_or_hex() -> None:
-    inspector = Inspector(4)
-    capture = inspector.begin("relay", b"POST", b"/", [(b"Content-Type", b"image/png")], request_id=None)
-    inspector._take(capture.request, b"\x89PNG\r\n\x1a\n\x00\x00")
-    shown = capture.detail()["request"]["body"]
-    assert shown["kind"] == "binary"
-    assert shown["text"] == hex_dump(b"\x89PNG\r\n\x1a\n\x00\x00")
-    assert shown["text"].startswith("00000000  89 50 4e 47 0d 0a 1a 0a 00 00")
