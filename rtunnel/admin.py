@@ -139,9 +139,12 @@ class AdminServer:
                 headers.append((b"Content-Length", str(len(reply.body)).encode()))
             reason = http.HTTPStatus(reply.status).phrase.encode()
             out = conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason)) or b""
-            if reply.stream is not None:
-                await stream.send_all(out)
-                await self._stream_events(stream, conn, reply.stream)
+            if reply.stream is not None:  # /events, which holds one of the event-stream slots
+                try:
+                    await stream.send_all(out)
+                    await self._stream_events(stream, conn, reply.stream)
+                finally:
+                    self._event_streams.release()
                 return
             if request.method != b"HEAD":
                 out += conn.send(h11.Data(data=reply.body)) or b""
@@ -202,7 +205,7 @@ class AdminServer:
                 self._event_streams.acquire_nowait()
             except trio.WouldBlock:
                 return Reply(503, b"too many event streams open\n", headers=[(b"Retry-After", b"10")])
-            return self.dashboard.events(principal, self._event_streams, auth.required)
+            return self.dashboard.events(principal, auth.required)
         return await self.dashboard.handle(request, auth, principal)
 
     def _probe(self, path: str, request: AdminRequest) -> Reply:

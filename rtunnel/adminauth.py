@@ -150,7 +150,10 @@ class AdminAuth:
         expected = principal.session.csrf.encode()
         return any(name == CSRF_HEADER and hmac.compare_digest(value, expected) for name, value in headers)
 
-    def cookie(self, session: Session) -> bytes:
+    def cookie(self, session: Session, *, secure: bool = False) -> bytes:
+        """The Set-Cookie value; `secure` when the page was reached over TLS (through a reverse proxy)."""
+        flags = "; Secure" if secure else ""
         return (
-            f"{self.cookie_name}={session.id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={int(SESSION_IDLE)}"
+            f"{self.cookie_name}={session.id}; Path=/; HttpOnly; SameSite=Strict; "
+            f"Max-Age={int(SESSION_IDLE)}{flags}"
         ).encode()

@@ -99,7 +99,7 @@ class Dashboard:
         if path in PAGES:
             headers = list(SECURITY_HEADERS)
             if principal.session is None and not principal.bearer:
-                headers.append((b"Set-Cookie", auth.cookie(auth.new_session())))
+                headers.append((b"Set-Cookie", auth.cookie(auth.new_session(), secure=_over_tls(request))))
             return Reply(200, self._files["index.html"], _TYPES[".html"], headers)
         if path.startswith("/static/"):
             name = path.removeprefix("/static/")
@@ -148,29 +148,30 @@ class Dashboard:
         if result is None:
             log.warning("admin: wrong token at the login form from %s", request.client)
             return _login_page(401, "Wrong token.")
-        return Reply(303, b"logged in\n", headers=[(b"Location", b"/"), (b"Set-Cookie", auth.cookie(result))])
+        return Reply(
+            303,
+            b"logged in\n",
+            headers=[(b"Location", b"/"), (b"Set-Cookie", auth.cookie(result, secure=_over_tls(request)))],
+        )
 
     # -- the event stream -----------------------------------------------------------------------------
 
-    def events(self, principal: Principal, slot: trio.CapacityLimiter, login: bool) -> Reply:
-        async def chunks() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in self._events(principal, login):
-                    yield chunk
-            finally:
-                slot.release()
+    def events(self, principal: Principal, login: bool) -> Reply:
+        def chunks() -> AsyncIterator[bytes]:
+            return self._events(principal, login)
 
         headers = [(b"X-Accel-Buffering", b"no")]  # a reverse proxy in front must not hold events back
         return Reply(200, content_type=b"text/event-stream; charset=utf-8", headers=headers, stream=chunks)
 
     async def _events(self, principal: Principal, login: bool) -> AsyncIterator[bytes]:
         activity = self.metrics.activity
+        # Taken with the snapshot, not after sending it: a change in between must still count as one.
+        fingerprint = self._fingerprint()
         snapshot = self.snapshot(principal, login)
         last_bucket = snapshot["series"]["last"]
         last_event = activity.events
         last_row = snapshot["inspector"]["rows"][-1]["id"] if snapshot["inspector"]["rows"] else 0
         yield b"retry: 3000\n\n" + _event("snapshot", snapshot)
-        fingerprint = self._fingerprint()
         quiet_since = time.monotonic()
         while True:
             await trio.sleep(TICK)
@@ -266,12 +267,21 @@ def _json(status: int, document: object) -> Reply:
 
 
 def _same_origin(request: AdminRequest) -> bool:
-    """A browser names the page a request comes from in Origin: it must be this endpoint (when given)."""
+    """A browser names the page a request comes from in Origin: it must be this endpoint (when given), as
+    the client addressed it (Host, or X-Forwarded-Host from a reverse proxy that rewrites Host)."""
     origin = request.header(b"origin")
     if origin is None:
         return True
-    host = request.header(b"host") or b""
-    return urlsplit(origin.decode("latin-1")).netloc.lower() == host.decode("latin-1").lower()
+    netloc = urlsplit(origin.decode("latin-1")).netloc.lower()
+    names = (request.header(b"host"), request.header(b"x-forwarded-host"))
+    return any(name is not None and netloc == name.decode("latin-1").lower() for name in names)
+
+
+def _over_tls(request: AdminRequest) -> bool:
+    """The admin endpoint speaks plain HTTP: TLS, if any, ended at a reverse proxy, which says so."""
+    return request.header(b"x-forwarded-proto") == b"https" or (request.header(b"origin") or b"").startswith(
+        b"https://"
+    )
 
 
 def _login_page(status: int, message: str) -> Reply:

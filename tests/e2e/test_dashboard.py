@@ -7,7 +7,7 @@ import json
 import re
 import secrets
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -365,3 +365,34 @@ async def test_a_token_lets_the_inspector_listen_beyond_loopback(token: str) -> 
             assert (await admin.get("/status.json")).status_code == 401
             bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
             assert (await admin.get("/status.json", headers=bearer)).status_code == 200
+
+
+async def test_event_streams_are_bounded_and_give_their_slot_back(token: str) -> None:
+    async with (
+        run_relay(token, extra_args=("--admin", "127.0.0.1:0")) as relay,
+        http_client(await admin_url(relay)) as admin,
+        AsyncExitStack() as open_streams,
+    ):
+        streams = [await open_streams.enter_async_context(events(admin)) for _ in range(8)]
+        assert len(streams) == 8
+        refused = await admin.get("/events")
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        # A page left open does not lock out the scraper.
+        assert (await admin.get("/metrics")).status_code == 200
+        await open_streams.aclose()  # every page closed: the slots come back once the server sees the EOF
+        with trio.fail_after(10):
+            while True:
+                async with admin.stream("GET", "/events") as response:
+                    if response.status_code == 200:
+                        break
+
+
+async def test_a_session_cookie_behind_a_tls_proxy_is_secure(token: str) -> None:
+    async with (
+        run_relay(token, extra_args=("--admin", "127.0.0.1:0")) as relay,
+        http_client(await admin_url(relay)) as admin,
+    ):
+        assert "Secure" not in (await admin.get("/")).headers["set-cookie"]
+        admin.cookies.clear()
+        behind_tls = await admin.get("/", headers={"X-Forwarded-Proto": "https"})
+        assert behind_tls.headers["set-cookie"].endswith("; Secure")
