@@ -129,7 +129,7 @@ class AdminServer:
                 else:
                     return
             request = AdminRequest(event.method, event.target, list(event.headers), bytes(body), client)
-            reply = await self._respond(request)
+            reply = self._respond(request)
             headers = [
                 (b"Content-Type", reply.content_type),
                 (b"Cache-Control", b"no-store"),
@@ -171,7 +171,7 @@ class AdminServer:
                 await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
             nursery.cancel_scope.cancel()
 
-    async def _respond(self, request: AdminRequest) -> Reply:
+    def _respond(self, request: AdminRequest) -> Reply:
         path = request.path
         if path in PUBLIC_PATHS:
             if request.method not in (b"GET", b"HEAD"):
@@ -206,7 +206,7 @@ class AdminServer:
             except trio.WouldBlock:
                 return Reply(503, b"too many event streams open\n", headers=[(b"Retry-After", b"10")])
             return self.dashboard.events(principal, auth.required)
-        return await self.dashboard.handle(request, auth, principal)
+        return self.dashboard.handle(request, auth, principal)
 
     def _probe(self, path: str, request: AdminRequest) -> Reply:
         metrics = self.metrics

@@ -86,7 +86,7 @@ class Dashboard:
 
     # -- pages ----------------------------------------------------------------------------------------
 
-    async def handle(self, request: AdminRequest, auth: AdminAuth, principal: Principal) -> Reply:
+    def handle(self, request: AdminRequest, auth: AdminAuth, principal: Principal) -> Reply:
         path, method = request.path, request.method
         if path.startswith("/api/exchanges/") and path.endswith("/replay"):
             if method != b"POST":
@@ -114,7 +114,7 @@ class Dashboard:
         return Reply(404, b"not found (try / /inspector /healthz /readyz /metrics /status.json)\n")
 
     def _capture(self, text: str) -> Capture | None:
-        if self.inspector is None or not text.isdigit():
+        if self.inspector is None or not (text.isascii() and text.isdigit() and len(text) <= 18):
             return None
         return self.inspector.get(int(text))
 

@@ -245,6 +245,8 @@ async def test_replay_needs_the_session_csrf_token_and_makes_a_linked_exchange(
             assert update["rows"][0]["replay_of"] == 1
         assert upstream.counts["replayed"] == 2
         assert (await admin.post("/api/exchanges/99/replay", headers=ok)).status_code == 404
+        for odd in ("%C2%B2", "9" * 5000, "-1", "1.0"):  # a unicode digit, an int too long to parse, signs
+            assert (await admin.get(f"/api/exchanges/{odd}")).status_code == 404
 
 
 async def test_the_agent_shows_its_allowlist_and_refusals(upstream: Upstream, token: str) -> None:
