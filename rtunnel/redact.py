@@ -55,8 +55,9 @@ class Redactor:
         result = []
         for name, value in headers:
             if name.lower() in ALWAYS_HEADERS or self.secret_name(name):
-                value = _REDACTED_BYTES
-            result.append((name, self.scrub(value)))
+                result.append((name, _REDACTED_BYTES))
+            else:
+                result.append((name, self.scrub(value)))
         return result
 
     def target(self, target: bytes) -> bytes:
@@ -79,6 +80,8 @@ class Redactor:
     def body(self, data: bytes, content_type: bytes | None) -> bytes:
         """A captured body (possibly cut short) with its secrets replaced: JSON fields and form fields by
         name, known secrets anywhere."""
+        if not data:
+            return data
         kind = (content_type or b"").split(b";")[0].strip().lower()
         if kind in _FORM_TYPES:
             return self._pairs(data)
