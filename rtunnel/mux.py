@@ -224,6 +224,11 @@ class MuxStream:
         return bytes(chunk)
 
     @property
+    def peer_name(self) -> str:
+        """The name of the connection the stream belongs to (e.g. "relay wss://...")."""
+        return self._mux.name
+
+    @property
     def at_eof(self) -> bool:
         return self._ended and not self._chunks
 

@@ -22,6 +22,7 @@ from protocol import RemoteProtocolError, Role, Settings
 
 from . import transport
 from .config import TokenGroup
+from .inspector import Inspector
 from .limits import AuthThrottle, Counter
 from .metrics import Metrics
 from .mux import LinkDead, Multiplexer, close_code
@@ -105,6 +106,7 @@ class Relay:
             if t.token is not None
         }
         self.metrics = Metrics("relay")
+        self.inspector: Inspector | None = None  # --inspect: every client connection records into it
         self.http_address: tuple[str, int] | None = None
         self.agents_address: tuple[str, int] | None = None
         self._draining = False
@@ -385,6 +387,7 @@ class Relay:
             on_exchange=self.metrics.record_exchange,
             exchanges=self._exchanges,
         )
+        connection.inspector = self.inspector
         with trio.CancelScope() as scope:
             if self._draining:
                 return  # accepted just before the listener closed

@@ -19,6 +19,7 @@ import trio
 from protocol import ErrorCode, RequestHead
 
 from .httpstrict import HeadChecker
+from .inspector import Capture, Inspector
 from .limits import Counter
 from .logs import Access, pick_request_id, with_request_id
 from .mux import Multiplexer, MuxStream, StreamReset
@@ -106,6 +107,9 @@ class ClientConnection:
         self._holds_slot = False  # this connection's exchange counts in self._exchanges
         self.busy = False  # an exchange is in progress (the relay's drain waits for those)
         self.draining = False  # set by the relay's drain: close once the current exchange is done
+        self.inspector: Inspector | None = None  # --inspect: record each exchange (the one hook, _exchange)
+        self._capture: Capture | None = None
+        self._error_note: str | None = None  # why the relay answered with an error itself (dashboard)
 
     async def serve(self) -> None:
         try:
@@ -209,6 +213,11 @@ class ClientConnection:
     async def _exchange(self, request: h11.Request) -> bool:
         started = trio.current_time()
         self._request_id = pick_request_id(request.headers.raw_items())
+        if self.inspector is not None:
+            self._capture = self.inspector.begin(
+                "relay", request.method, request.target, request.headers.raw_items(),
+                request_id=self._request_id, client=self._client_ip,
+            )  # fmt: skip
         problem = self._check_request(request)
         if problem is not None:
             status, reason = problem
@@ -249,6 +258,8 @@ class ClientConnection:
                 # the client's bytes.
                 end_stream = not has_body and offer is None
                 mux, stream = await route.registry.open_exchange(head, end_stream=end_stream, avoid=mux)
+                if self._capture is not None:
+                    stream = self._capture.tap(stream, mux.name)
             except NoAgentAvailable as exc:
                 what = "no agent available" if route.tunnel is None else f"tunnel {route.tunnel!r}"
                 await self._send_error(503, f"{what}: {exc}", retry_after=True)
@@ -562,6 +573,7 @@ class ClientConnection:
     ) -> None:
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
+        self._error_note = reason
         body = (reason + "\n").encode()
         headers: list[tuple[bytes, bytes]] = [
             (b"Content-Type", b"text/plain; charset=utf-8"),
@@ -599,7 +611,9 @@ class ClientConnection:
             bytes_out=bytes_out,
             duration_ms=round((trio.current_time() - started) * 1000, 3),
             request_id=self._request_id,
+            note=self._error_note,
         )
+        self._error_note = None
         access_log.info(
             "%s %s %s %d in=%d out=%d %.1fms id=%s",
             self._client_ip,
@@ -614,3 +628,6 @@ class ClientConnection:
         )
         if self._on_exchange is not None:
             self._on_exchange(access)
+        if self._capture is not None:
+            self._capture.finish(access)
+            self._capture = None
