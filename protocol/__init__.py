@@ -4,7 +4,14 @@ Standard library only; no sockets, threads or clocks. The runtime owns all I/O a
 """
 
 from ._connection import Connection, ConnectionState, Role
-from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._errors import (
+    ErrorCode,
+    HeadNotEncodable,
+    HeadPart,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from ._events import (
     DataReceived,
     Event,
@@ -26,6 +33,7 @@ from ._frames import (
     Headers,
     RequestHead,
     ResponseHead,
+    request_head_size,
 )
 from ._settings import MAX_STREAM_ID, MAX_WINDOW, Limits, SettingId, Settings
 from ._stream import StreamState
@@ -43,6 +51,8 @@ __all__ = [
     "FrameType",
     "GoAwayReceived",
     "HandshakeComplete",
+    "HeadNotEncodable",
+    "HeadPart",
     "Headers",
     "Limits",
     "LocalProtocolError",
@@ -62,4 +72,5 @@ __all__ = [
     "StreamState",
     "TrailersReceived",
     "WindowUpdated",
+    "request_head_size",
 ]

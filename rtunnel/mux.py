@@ -32,7 +32,6 @@ from protocol import (
     GoAwayReceived,
     HandshakeComplete,
     Limits,
-    LocalProtocolError,
     PingAcknowledged,
     RemoteProtocolError,
     ReplyReceived,
@@ -352,17 +351,17 @@ class Multiplexer:
         await self._ready.wait()
 
     async def open_stream(self, head: RequestHead, *, end_stream: bool = False) -> MuxStream:
-        """Open a stream carrying `head`; waits while the peer's concurrent-stream limit is reached."""
+        """Open a stream carrying `head`; waits while the peer's concurrent-stream limit is reached.
+
+        MuxClosed: the connection is closed or draining, never to take a stream again. HeadNotEncodable
+        (protocol's): this head cannot go over this connection; the connection itself is fine."""
         while True:
             if self._closed or self.goaway_received:
                 raise MuxClosed(self.close_reason or "connection is draining")
             if self._conn.can_open_stream:
                 break
             await self._wait_stream_slot()
-        try:
-            stream_id = self._conn.open_stream(head, end_stream=end_stream)
-        except LocalProtocolError as exc:
-            raise MuxClosed(str(exc)) from None
+        stream_id = self._conn.open_stream(head, end_stream=end_stream)
         stream = MuxStream(self, stream_id, None)
         self._streams[stream_id] = stream
         self._wake_writer()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import h11
 import trio
 
-from protocol import ErrorCode, RequestHead
+from protocol import ErrorCode, HeadNotEncodable, HeadPart, RequestHead, request_head_size
 
 from .httpstrict import HeadChecker
 from .limits import Counter
@@ -62,6 +62,17 @@ class HttpLimits:
     # Stream data buffered in the relay (received from agents and not yet written to clients, plus request
     # bodies queued toward agents), across all agents; above it new exchanges get 503 until it drains.
     max_buffered_bytes: int | None = 256 * 1024 * 1024
+
+
+# The status for each part of a request head the tunnel cannot carry. A method longer than any the relay
+# knows is one it does not implement (RFC 9110 15.6.2); the wire's limits come from protocol alone.
+_UNENCODABLE: dict[HeadPart, tuple[int, str]] = {
+    HeadPart.METHOD: (501, "method too long"),
+    HeadPart.TARGET: (414, "request-target too long"),
+    HeadPart.HEADER: (431, "request header field too large"),
+    HeadPart.HEADER_COUNT: (431, "too many request headers"),
+    HeadPart.SIZE: (431, "request head too large"),
+}
 
 
 class _ClientGone(Exception):
@@ -232,13 +243,17 @@ class ClientConnection:
         offer = None
         if not has_body and request.http_version == b"1.1":
             offer = upgrade_offer(request.headers.raw_items())
+        head = self._build_head(request, route, offer)
+        try:
+            request_head_size(head)  # what the tunnel cannot carry is refused before waiting for an agent
+        except HeadNotEncodable as exc:
+            return await self._refuse_head(request, exc, started)
         refusal = self._admit()
         if refusal is not None:
             status, reason = refusal
             await self._send_error(status, reason, retry_after=True)
             self._log(request, status, 0, 0, started)
             return self._h11.their_state is h11.DONE
-        head = self._build_head(request, route, offer)
         replay = _Replay()
         attempt = possibly_processed = 0
         mux: Multiplexer | None = None  # the agent of the previous attempt
@@ -254,6 +269,8 @@ class ClientConnection:
                 await self._send_error(503, f"{what}: {exc}", retry_after=True)
                 self._log(request, 503, 0, 0, started)
                 return self._h11.their_state is h11.DONE
+            except HeadNotEncodable as exc:  # over the MAX_HEAD_SIZE of the agent picked
+                return await self._refuse_head(request, exc, started)
             try:
                 outcome = await self._run_exchange(request, stream, has_body, replay, mux, offer is not None)
             finally:
@@ -278,6 +295,13 @@ class ClientConnection:
             if outcome.abort:
                 raise _Abort
             return outcome.keep_alive
+
+    async def _refuse_head(self, request: h11.Request, exc: HeadNotEncodable, started: float) -> bool:
+        """A head the tunnel's wire format cannot carry (SPEC 5): the status that fits, and close."""
+        status, reason = _UNENCODABLE.get(exc.part, (400, "request head cannot be forwarded"))
+        await self._send_error(status, f"{reason} ({exc})", close=True)
+        self._log(request, status, 0, 0, started)
+        return False
 
     async def _run_exchange(
         self,
