@@ -145,6 +145,11 @@ class MuxStream:
         self.bytes_sent += len(data)
         self._mux._wake_writer()
 
+    @property
+    def send_would_wait(self) -> bool:
+        """send_data would wait for the peer's window: this stream's unsent data is at its high water."""
+        return self._mux._conn.outbound_buffered(self.stream_id) >= SEND_HIGH_WATER
+
     async def send_end(self) -> None:
         await self.send_data(b"", end_stream=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 
 import h11
@@ -42,6 +43,8 @@ FEED_SIZE = 4096
 # A chunk-size line (size + chunk extensions) or trailer section longer than this is refused with 400
 # (RFC 9112 7.1.1: a server ought to limit chunk extensions). Extensions are never forwarded anyway.
 MAX_CHUNK_LINE = 8192
+# A request body's pump gives way to other tasks after this many chunks parsed from data already read.
+YIELD_EVERY = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +379,6 @@ class ClientConnection:
         await trio.sleep_forever()
 
     async def _pump_request_body(self, stream: MuxStream, outcome: _Outcome, replay: _Replay) -> None:
-        limit = self._limits.max_body_size
         try:
             if replay.held or replay.complete:
                 # A retry: first what the earlier attempt had already read from the client.
@@ -389,46 +391,76 @@ class ClientConnection:
                     else:
                         await stream.send_end()
                     return
-            while True:
-                try:
-                    with trio.fail_after(self._limits.body_timeout):
-                        event = await self._next_event()
-                except h11.RemoteProtocolError as exc:
-                    outcome.body_error = f"malformed request body: {exc}"
-                    stream.reset(ErrorCode.CANCEL)
-                    return
-                except trio.TooSlowError:
-                    outcome.body_error = f"request body stalled for {self._limits.body_timeout:g} s"
-                    outcome.body_status = 408
-                    stream.reset(ErrorCode.CANCEL)
-                    return
-                if isinstance(event, h11.Data):
-                    outcome.bytes_in += len(event.data)
-                    replay.hold(event.data)
-                    if limit is not None and outcome.bytes_in > limit:
-                        outcome.body_error = "request body too large"
-                        outcome.body_status = 413
-                        stream.reset(ErrorCode.CANCEL)
-                        return
-                    await stream.send_data(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    replay.complete = True
-                    replay.trailers = list(event.headers.raw_items())
-                    if event.headers:
-                        await stream.send_trailers(list(event.headers.raw_items()))
-                    else:
-                        await stream.send_end()
-                    return
-                else:
-                    outcome.body_error = "client closed the connection mid-body"
-                    outcome.client_gone = True
-                    stream.reset(ErrorCode.CANCEL)
-                    return
+            with trio.CancelScope() as stall:
+                await self._pump_client_body(stream, outcome, replay, stall)
+            if stall.cancelled_caught:
+                outcome.body_error = f"request body stalled for {self._limits.body_timeout:g} s"
+                outcome.body_status = 408
+                stream.reset(ErrorCode.CANCEL)
         except _ClientGone:
             outcome.client_gone = True
             stream.reset(ErrorCode.CANCEL)
         except StreamReset:
             return  # the response side reports it; the agent may have answered without the body
+
+    async def _pump_client_body(
+        self, stream: MuxStream, outcome: _Outcome, replay: _Replay, stall: trio.CancelScope
+    ) -> None:
+        """The body from the client to the agent, under one deadline (`stall`): body_timeout past the last
+        progress. Moving a deadline costs more than parsing a small chunk, so it moves only once progress
+        has eaten 1/16 of it (a stall is caught within 15/16..1 of body_timeout), and not at all for a
+        body that keeps arriving in tiny chunks. Time spent waiting for the agent's window is not the
+        client's: the deadline is off meanwhile."""
+        limit = self._limits.max_body_size
+        timeout = self._limits.body_timeout
+        moved = trio.current_time()
+        stall.deadline = moved + timeout
+        unyielded = 0  # events handled since this task last gave way to others
+        while True:
+            try:
+                event = await self._next_event()
+            except h11.RemoteProtocolError as exc:
+                outcome.body_error = f"malformed request body: {exc}"
+                stream.reset(ErrorCode.CANCEL)
+                return
+            if isinstance(event, h11.Data):
+                outcome.bytes_in += len(event.data)
+                replay.hold(event.data)
+                if limit is not None and outcome.bytes_in > limit:
+                    outcome.body_error = "request body too large"
+                    outcome.body_status = 413
+                    stream.reset(ErrorCode.CANCEL)
+                    return
+                if stream.send_would_wait:
+                    stall.deadline = math.inf
+                    await stream.send_data(event.data)
+                    stall.deadline = trio.current_time() + timeout
+                else:
+                    await stream.send_data(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                replay.complete = True
+                replay.trailers = list(event.headers.raw_items())
+                if event.headers:
+                    await stream.send_trailers(list(event.headers.raw_items()))
+                else:
+                    await stream.send_end()
+                return
+            else:
+                outcome.body_error = "client closed the connection mid-body"
+                outcome.client_gone = True
+                stream.reset(ErrorCode.CANCEL)
+                return
+            now = trio.current_time()
+            if now - moved > timeout / 16:
+                moved = now
+                stall.deadline = now + timeout
+            # Chunks already read are parsed without waiting for the network (one 64 KiB read holds
+            # ~11,000 one-byte chunks): give way to other connections every few of them, or one body of
+            # tiny chunks starves every other client of this relay.
+            unyielded += 1
+            if unyielded >= YIELD_EVERY:
+                unyielded = 0
+                await trio.lowlevel.checkpoint()
 
     async def _relay_response(
         self, request: h11.Request, stream: MuxStream, outcome: _Outcome, wants_continue: bool, upgrade: bool
