@@ -120,6 +120,27 @@ class ClientConnection:
         self._holds_slot = False  # this connection's exchange counts in self._exchanges
         self.busy = False  # an exchange is in progress (the relay's drain waits for those)
         self.draining = False  # set by the relay's drain: close once the current exchange is done
+        # Waiting for the first byte of a request since then (None: not idle). At its connection limit the
+        # relay closes the longest idle connection to serve a new one (reclaim).
+        self.idle_since: float | None = None
+        self.reclaimed = False
+        self._idle_scope: trio.CancelScope | None = None
+
+    @property
+    def client_ip(self) -> str:
+        return self._client_ip
+
+    def reclaim(self) -> bool:
+        """Close this connection if it is idle between requests; False if it is not idle.
+
+        Closed for good even if a request's first bytes arrive in the same instant: to its client this is
+        the usual keep-alive race (a reused connection closed before any response), which clients handle."""
+        if self._idle_scope is None:
+            return False
+        self._idle_scope.cancel()
+        self._idle_scope = self.idle_since = None
+        self.reclaimed = True
+        return True
 
     async def serve(self) -> None:
         try:
@@ -185,10 +206,14 @@ class ClientConnection:
         if self._h11.their_state is h11.IDLE and not self._has_pending_input():
             # A keep-alive connection between requests: idle time is allowed, up to idle_timeout. The head
             # clock (head_timeout) starts with the first byte of the next request.
-            with trio.move_on_after(self._limits.idle_timeout):
-                await self._receive_more()
-            if not self._has_pending_input():
-                return None  # idle too long: close quietly
+            with trio.move_on_after(self._limits.idle_timeout) as idle:
+                self._idle_scope, self.idle_since = idle, trio.current_time()
+                try:
+                    await self._receive_more()
+                finally:
+                    self._idle_scope = self.idle_since = None
+            if self.reclaimed or not self._has_pending_input():
+                return None  # idle too long, or reclaimed: close quietly
         try:
             with trio.fail_after(self._limits.head_timeout):
                 event = await self._next_head_event()

@@ -7,6 +7,7 @@ autojump clock, so a 30 s slowloris costs no wall time.
 
 from __future__ import annotations
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -419,15 +420,17 @@ async def test_the_http_listener_limits_connections_in_total_and_per_address(nur
     assert relay.http_address is not None
     port = relay.http_address[1]
     held = []
-    # No agent: each request is answered 503 "no agent" and the connection stays open (and counted).
+    # Each sends part of a head and stops: busy, not idle, so never reclaimed for a newcomer.
     for source in ("127.0.0.1", "127.0.0.1", "127.0.0.2"):
         stream = await _connect_from(source, port)
-        assert await _status(stream) == (503, False)
+        await stream.send_all(b"GET /x HTTP/1.1\r\n")
         held.append(stream)
+    await _until_counted(relay, 3)
     over_address = await _connect_from("127.0.0.1", port)  # third from one address
     assert await _status(over_address) == (503, True)
     over_total = await _connect_from("127.0.0.3", port)  # fourth in total
     assert await _status(over_total) == (503, True)
+    # No agent: a request is answered 503 "no agent" and the connection stays open (and counted).
     # Closing one frees its slot (the relay notices the close when its handler ends).
     await held.pop().aclose()
     with trio.fail_after(10):
@@ -437,6 +440,54 @@ async def test_the_http_listener_limits_connections_in_total_and_per_address(nur
                 break
             await trio.sleep(0.01)
     for stream in (*held, over_address, over_total, retry):
+        await stream.aclose()
+
+
+async def _until_counted(relay: Relay, connections: int) -> None:
+    with trio.fail_after(10):
+        while relay.connection_count < connections:  # noqa: ASYNC110 (the count is polled, not signalled)
+            await trio.sleep(0.01)
+
+
+async def _answered(stream: trio.SocketStream) -> tuple[int, bool]:
+    """Like _status, reading the whole response (its body too), so the connection can go on."""
+    client = h11.Connection(h11.CLIENT)
+    await stream.send_all(client.send(h11.Request(method="GET", target="/x", headers=[("Host", "a")])) or b"")
+    client.send(h11.EndOfMessage())
+    status, close = 0, False
+    with trio.fail_after(10):
+        while not isinstance(event := client.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                client.receive_data(await stream.receive_some())
+            elif isinstance(event, h11.Response):
+                status, close = event.status_code, (b"connection", b"close") in event.headers
+    return status, close
+
+
+async def test_at_the_connection_limit_the_longest_idle_connection_makes_room(nursery: trio.Nursery) -> None:
+    limits = HttpLimits(max_connections=2, max_connections_per_ip=None)
+    relay = Relay(RelayConfig(http_port=0, agents_port=0, agent_wait=0, http_limits=limits))
+    await nursery.start(relay.run)
+    assert relay.http_address is not None
+    port = relay.http_address[1]
+    # Two keep-alive connections, each idle after one exchange (503: no agent; the connection stays open).
+    oldest = await _connect_from("127.0.0.1", port)
+    assert await _answered(oldest) == (503, False)
+    newer = await _connect_from("127.0.0.1", port)
+    assert await _answered(newer) == (503, False)
+    # A third client, from another address: the relay closes the longest idle connection and serves it.
+    newcomer = await _connect_from("127.0.0.2", port)
+    assert await _answered(newcomer) == (503, False)
+    with trio.fail_after(10):
+        while await oldest.receive_some():  # the rest of its last response, if any, then the close
+            pass
+    assert await _answered(newer) == (503, False)  # the other idle connection was left alone
+    # With every connection busy (a head in progress), nothing is reclaimed: the newcomer is refused.
+    for stream in (newer, newcomer):
+        await stream.send_all(b"GET /x HTTP/1.1\r\n")
+    refused = await _connect_from("127.0.0.3", port)
+    assert await _answered(refused) == (503, True)
+    for stream in (oldest, newer, newcomer, refused):
         await stream.aclose()
 
 
