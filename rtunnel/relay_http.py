@@ -19,7 +19,7 @@ import trio
 
 from protocol import ErrorCode, HeadNotEncodable, HeadPart, RequestHead, request_head_size
 
-from .httpstrict import HeadChecker
+from .httpstrict import MAX_CHUNK_SIZE, HeadChecker, chunk_left
 from .limits import Counter
 from .logs import Access, pick_request_id, with_request_id
 from .mux import Multiplexer, MuxStream, StreamReset
@@ -451,7 +451,16 @@ class ClientConnection:
             if isinstance(event, h11.Data):
                 outcome.bytes_in += len(event.data)
                 replay.hold(event.data)
-                if limit is not None and outcome.bytes_in > limit:
+                # A chunk is judged by its declared size, before it is forwarded: beyond what any body can
+                # be it is malformed (400), beyond --max-body-size the body is too large (413).
+                # (The first data of a chunk has its whole declared size in len(data) + what is left.)
+                left = chunk_left(self._h11) if self._chunked else 0
+                declared = outcome.bytes_in + left
+                if left + len(event.data) > MAX_CHUNK_SIZE:
+                    outcome.body_error = "malformed request body: chunk size out of range"
+                    stream.reset(ErrorCode.CANCEL)
+                    return
+                if limit is not None and declared > limit:
                     outcome.body_error = "request body too large"
                     outcome.body_status = 413
                     stream.reset(ErrorCode.CANCEL)

@@ -105,6 +105,12 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ("chunk-size-0x", b"0x5\r\nhello\r\n0\r\n\r\n"),
     ("chunk-size-empty", b"\r\nhello\r\n0\r\n\r\n"),
     ("chunk-size-21-digits", b"0" * 20 + b"5\r\nhello\r\n0\r\n\r\n"),
+    # Sizes beyond what a body can be (over 2^63 - 1), which h11 accepts up to 20 hex digits: these also
+    # show that httpstrict.chunk_left still reads h11's declared chunk size.
+    ("chunk-size-2^64-1", b"ffffffffffffffff\r\nhello\r\n0\r\n\r\n"),
+    ("chunk-size-2^63", b"8000000000000000\r\nhello\r\n0\r\n\r\n"),
+    ("chunk-size-20-digits", b"f" * 20 + b"\r\nhello\r\n0\r\n\r\n"),
+    ("chunk-size-huge-after-a-chunk", b"5\r\nhello\r\nFFFFFFFFFFFFFFFFF\r\nhello\r\n0\r\n\r\n"),
     ("chunk-line-bare-lf", b"5\nhello\r\n0\r\n\r\n"),
     ("chunk-longer-than-size", b"5\r\nhelloXX\r\n0\r\n\r\n"),
     ("chunk-extension-64k", b"5;" + b"x" * 65536 + b"\r\nhello\r\n0\r\n\r\n"),
@@ -239,6 +245,15 @@ async def test_a_chunked_body_over_the_limit_is_413_and_never_completes_upstream
         assert [s.complete for s in rig.agent.seen] in ([], [False])
         ok = await rig.request(POST + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         assert ok == (200, b"POST /x 5")
+
+
+async def test_a_chunk_declared_over_the_body_limit_is_413_before_any_of_it_is_forwarded() -> None:
+    async with relay_rig(HttpLimits(max_body_size=1000)) as rig:
+        client = await rig.connect()
+        await client.send(POST + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % 5000 + b"x" * 100)
+        status, _, _ = await client.response()
+        assert status == 413
+        assert [(s.body, s.complete) for s in rig.agent.seen] in ([], [(b"", False)])
 
 
 async def test_slowloris_gets_408_at_the_head_timeout_and_others_are_served(
