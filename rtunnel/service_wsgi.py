@@ -229,13 +229,19 @@ class _Input:
             while self._fill():
                 pass
             size = len(self._buffer)
-        elif not self._buffer:
-            self._fill()
+        # Like a file: short only at the end (some frameworks take a short read for the end of the body).
+        while len(self._buffer) < size and self._fill():
+            pass
         data, self._buffer = self._buffer[:size], self._buffer[size:]
         return data
 
     def read1(self, size: int = -1) -> bytes:
-        return self.read(size if size >= 0 else READ_SIZE)
+        """Whatever is there, up to `size`: at most one chunk from the tunnel."""
+        if not self._buffer:
+            self._fill()
+        size = len(self._buffer) if size < 0 else size
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
 
     def readline(self, size: int | None = -1) -> bytes:
         limit = sys.maxsize if size is None or size < 0 else size
