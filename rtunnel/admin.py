@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import parse_address
 from .metrics import Metrics
+from .startup import listening
 
 __all__ = ["DEFAULT_ADMIN", "AdminServer", "format_status", "parse_admin_address", "run_status"]
 
@@ -56,9 +57,10 @@ class AdminServer:
 
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                partial(trio.serve_tcp, self._on_connection, self.port, host=self.host)
-            )
+            with listening("--admin", self.host, self.port):
+                listeners = await nursery.start(
+                    partial(trio.serve_tcp, self._on_connection, self.port, host=self.host)
+                )
             sockname = listeners[0].socket.getsockname()
             self.address = (str(sockname[0]), int(sockname[1]))
             log.info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http
 import logging
 from collections.abc import Callable
 
@@ -212,8 +213,8 @@ class ClientConnection:
         problem = self._check_request(request)
         if problem is not None:
             status, reason = problem
-            await self._send_error(status, reason, close=True)
-            self._log(request, status, 0, 0, started)
+            sent = await self._send_error(status, reason, close=True)
+            self._log(request, status, 0, sent, started)
             return False
         has_body = self._has_body(request)
         if not has_body:
@@ -224,8 +225,8 @@ class ClientConnection:
         self._chunked = any(name == b"transfer-encoding" for name, _ in request.headers)
         route = self._route(request)
         if isinstance(route, NoRoute):
-            await self._send_error(route.status, route.reason, close=route.status != 404)
-            self._log(request, route.status, 0, 0, started)
+            sent = await self._send_error(route.status, route.reason, close=route.status != 404)
+            self._log(request, route.status, 0, sent, started)
             return route.status == 404 and self._h11.their_state is h11.DONE
         # A protocol switch (SPEC 5.5) is tunnelled for a bodiless HTTP/1.1 request only; otherwise its
         # Upgrade header is dropped like any hop-by-hop header and the request is ordinary HTTP.
@@ -235,8 +236,8 @@ class ClientConnection:
         refusal = self._admit()
         if refusal is not None:
             status, reason = refusal
-            await self._send_error(status, reason, retry_after=True)
-            self._log(request, status, 0, 0, started)
+            sent = await self._send_error(status, reason, retry_after=True)
+            self._log(request, status, 0, sent, started)
             return self._h11.their_state is h11.DONE
         head = self._build_head(request, route, offer)
         replay = _Replay()
@@ -251,8 +252,8 @@ class ClientConnection:
                 mux, stream = await route.registry.open_exchange(head, end_stream=end_stream, avoid=mux)
             except NoAgentAvailable as exc:
                 what = "no agent available" if route.tunnel is None else f"tunnel {route.tunnel!r}"
-                await self._send_error(503, f"{what}: {exc}", retry_after=True)
-                self._log(request, 503, 0, 0, started)
+                sent = await self._send_error(503, f"{what}: {exc}", retry_after=True)
+                self._log(request, 503, 0, sent, started)
                 return self._h11.their_state is h11.DONE
             try:
                 outcome = await self._run_exchange(request, stream, has_body, replay, mux, offer is not None)
@@ -272,7 +273,7 @@ class ClientConnection:
                     status, reason = outcome.body_status, outcome.body_error
                 else:
                     status, reason = outcome.pending_error or (502, "the agent sent no response")
-                await self._send_error(status, reason, close=True)
+                outcome.bytes_out = await self._send_error(status, reason, close=True)
                 outcome.status = status
             self._log(request, outcome.status, outcome.bytes_in, outcome.bytes_out, started)
             if outcome.abort:
@@ -558,9 +559,10 @@ class ClientConnection:
 
     async def _send_error(
         self, status: int, reason: str, *, close: bool = False, retry_after: bool = False
-    ) -> None:
+    ) -> int:
+        """Send the relay's own response; return its body size as sent (0 if it could not be)."""
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
+            return 0
         body = (reason + "\n").encode()
         headers: list[tuple[bytes, bytes]] = [
             (b"Content-Type", b"text/plain; charset=utf-8"),
@@ -572,11 +574,12 @@ class ClientConnection:
         if close or self._h11.their_state not in (h11.DONE, h11.IDLE):
             headers.append((b"Connection", b"close"))
         try:
-            await self._send(h11.Response(status_code=status, headers=headers))
+            await self._send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
             await self._send(h11.Data(data=body))
             await self._send(h11.EndOfMessage())
         except (_ClientGone, h11.LocalProtocolError):
-            pass
+            return 0
+        return len(body)
 
     def _start_next_cycle(self) -> bool:
         conn = self._h11
@@ -613,3 +616,10 @@ class ClientConnection:
         )
         if self._on_exchange is not None:
             self._on_exchange(access)
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""

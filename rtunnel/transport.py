@@ -23,7 +23,7 @@ import math
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import trio
 from websockets.client import ClientProtocol
@@ -51,10 +51,12 @@ from .wslink import (
 )
 
 __all__ = [
+    "LISTENER_HEADER",
     "MAX_MESSAGE_SIZE",
     "SUBPROTOCOL",
     "AuthRejected",
     "ConnectError",
+    "NotARelay",
     "Refusal",
     "Transport",
     "TransportClosed",
@@ -64,6 +66,10 @@ __all__ = [
     "serve",
 ]
 
+# On every refusal of an upgrade by serve() (SPEC.md section 2): a dialer that gets a response without it
+# reached something other than an rtunnel relay's agents listener.
+LISTENER_HEADER: Final = "Rtunnel-Listener"
+
 
 class ConnectError(Exception):
     """The WebSocket could not be established; str() is a one-line human reason."""
@@ -71,6 +77,10 @@ class ConnectError(Exception):
 
 class AuthRejected(ConnectError):
     """The relay answered 401/403: retrying at full speed will not help."""
+
+
+class NotARelay(ConnectError):
+    """The server answered the upgrade but is no rtunnel acceptor (no Rtunnel-Listener header)."""
 
 
 class VersionMismatch(ConnectError):
@@ -281,6 +291,11 @@ def _rejection(response: Response, target: str, token: str | None) -> ConnectErr
     detail = f"{status} {phrase}"
     if body and body[0].strip():
         detail += ": " + "".join(c if c.isprintable() else "?" for c in body[0].strip()[:200])
+    if status != 426 and response.headers.get(LISTENER_HEADER) != "agents":  # 426: some other version
+        return NotARelay(
+            f"{target} is not an rtunnel relay's agents listener (it answered {detail}); is it the relay's "
+            "--http port? Agents dial the address of `rtunnel serve --agents`"
+        )
     if status in (401, 403):
         hint = "no token was given" if token is None else "check the token"
         return AuthRejected(f"relay {target} refused the connection ({detail}); {hint}")
@@ -413,6 +428,8 @@ class _Acceptor:
                 else:
                     refusal, principal = self._check(request, proto, _peer_address(stream), remote)
                     response = refusal or response
+                if response.status_code != 101:
+                    response.headers[LISTENER_HEADER] = "agents"  # "a relay refused", not "not a relay"
                 proto.send_response(response)
                 await stream.send_all(b"".join(proto.data_to_send()))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
