@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import http
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import h11
 import trio
@@ -29,6 +29,7 @@ from .registry import AgentRegistry, NoAgentAvailable, NoRoute, Route, TunnelRou
 from .retry import MAX_ATTEMPTS, MAX_POSSIBLY_PROCESSED, on_reset
 from .retry import Outcome as _Outcome
 from .retry import Replay as _Replay
+from .wslink import SUBPROTOCOL
 
 log = logging.getLogger("rtunnel.relay")
 access_log = logging.getLogger("rtunnel.relay.access")
@@ -43,6 +44,8 @@ FEED_SIZE = 4096
 # A chunk-size line (size + chunk extensions) or trailer section longer than this is refused with 400
 # (RFC 9112 7.1.1: a server ought to limit chunk extensions). Extensions are never forwarded anyway.
 MAX_CHUNK_LINE = 8192
+# The answer to an agent's WebSocket upgrade on the clients' listener (421 Misdirected Request).
+MISDIRECTED_AGENT = 421
 
 
 @dataclasses.dataclass(frozen=True)
@@ -502,6 +505,9 @@ class ClientConnection:
             return 400, "both Transfer-Encoding and Content-Length"
         if request.method == b"CONNECT":
             return 405, "CONNECT is not supported"
+        if _offers_rtunnel(request.headers):
+            # An agent dialled the clients' port: refuse it here, before its token travels on to an upstream.
+            return MISDIRECTED_AGENT, "this is the relay's HTTP listener (--http); agents connect to --agents"
         if self._limits.max_body_size is not None:
             for name, value in request.headers:
                 if name == b"content-length" and int(value) > self._limits.max_body_size:
@@ -570,6 +576,8 @@ class ClientConnection:
         ]
         if retry_after:
             headers.append((b"Retry-After", b"5"))
+        if status == MISDIRECTED_AGENT:
+            headers.append((b"Rtunnel-Listener", b"http"))  # SPEC.md section 2: the dialer names the mistake
         headers = with_request_id(headers, self._request_id)
         if close or self._h11.their_state not in (h11.DONE, h11.IDLE):
             headers.append((b"Connection", b"close"))
@@ -623,3 +631,13 @@ def _phrase(status: int) -> bytes:
         return http.HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
+
+
+def _offers_rtunnel(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    offered = (
+        token.strip()
+        for name, value in headers
+        if name == b"sec-websocket-protocol"
+        for token in value.split(b",")
+    )
+    return SUBPROTOCOL.encode() in offered

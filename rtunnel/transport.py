@@ -291,6 +291,11 @@ def _rejection(response: Response, target: str, token: str | None) -> ConnectErr
     detail = f"{status} {phrase}"
     if body and body[0].strip():
         detail += ": " + "".join(c if c.isprintable() else "?" for c in body[0].strip()[:200])
+    if response.headers.get(LISTENER_HEADER) == "http":
+        return NotARelay(
+            f"{target} is a relay's HTTP listener (--http, where clients connect), not its agents listener: "
+            "dial the address of `rtunnel serve --agents` instead"
+        )
     if status != 426 and response.headers.get(LISTENER_HEADER) != "agents":  # 426: some other version
         return NotARelay(
             f"{target} is not an rtunnel relay's agents listener (it answered {detail}); is it the relay's "

@@ -152,13 +152,17 @@ async def test_relay_tells_where_to_connect_and_its_agent_command_works(
 
 
 async def test_agent_dialling_the_relays_http_port_is_told_so(upstream: Upstream, token: str) -> None:
+    """The issue's case: another agent is connected, so the upgrade used to go through it to the upstream
+    (token included) and come back as that upstream's answer."""
     async with run_relay(token) as relay, run_agent(relay.agents_url, upstream.url, token=token):
         wrong_url = relay.http_url.replace("http://", "ws://")
         async with run_agent(wrong_url, upstream.url, token=token, wait_connected=False) as lost:
-            line = await lost.wait_for_line(re.compile(r"(\S+) is not an rtunnel relay's agents listener.*"))
+            line = await lost.wait_for_line(re.compile(r"(\S+) is a relay's HTTP listener .*"))
             assert line.group(1) == wrong_url.removeprefix("ws://")
-            assert "--http port" in line.group(0) and "--agents" in line.group(0)
+            assert "not its agents listener: dial the address of `rtunnel serve --agents`" in line.group(0)
+            await relay.wait_for_line(re.compile(r"GET / 421 in=0 out=[1-9]"))
         assert "Traceback" not in lost.log_text()
+    assert upstream.paths == []  # the misdirected agent's upgrade, and its token, never reached the service
 
 
 async def test_agent_reaching_a_plain_web_server_is_told_so(token: str) -> None:
