@@ -147,6 +147,7 @@ async def test_relay_tells_where_to_connect_and_its_agent_command_works(
             env = {"RTUNNEL_TOKEN": token}
             async with run_process(Agent, "agent", [*RTUNNEL_CMD, *args.split()], env=env) as agent:
                 await agent.wait_connected()
+                await relay.wait_for_line("agent connected from")  # --agent-wait 0: registered, not racing
                 reply = await client.get("/api/items")
                 assert (reply.status_code, reply.text) == (200, "/api/items")
 
