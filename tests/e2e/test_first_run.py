@@ -91,7 +91,7 @@ async def test_unusable_tls_and_token_files_are_one_line(tmp_path: Path) -> None
     cases = {
         "missing cert": (
             [*serve, "--tls-cert", str(missing), "--tls-key", str(key)],
-            f"--tls-cert {missing}: cannot read it: no such file or directory",
+            f"--tls-cert {missing}: cannot read it: no such file or directory (`rtunnel cert --host NAME` makes",
         ),
         "key is a certificate": (
             [*serve, "--tls-cert", str(cert), "--tls-key", str(cert)],
