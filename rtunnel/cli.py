@@ -346,8 +346,9 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     return run
 
 
-async def _until_signal(runner: Callable[[], Awaitable[None]], command: str) -> int:
+async def _until_signal(runner: Callable[[], Awaitable[None]], command: str | None = None) -> int:
     status = 0
+    prog = f"rtunnel {command}" if command else "rtunnel"
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         try:
             async with trio.open_nursery() as nursery:
@@ -375,12 +376,12 @@ async def _until_signal(runner: Callable[[], Awaitable[None]], command: str) -> 
                     nursery.cancel_scope.cancel()
                     break
         except* StartupError as group:
-            print(f"rtunnel {command}: error: {_first(group)}", file=sys.stderr)
+            print(f"{prog}: error: {_first(group)}", file=sys.stderr)
             status = EXIT_RUNTIME
         except* OSError as group:
             error = _first(group)
             assert isinstance(error, OSError)
-            print(f"rtunnel {command}: error: {describe_os_error(error)}", file=sys.stderr)
+            print(f"{prog}: error: {describe_os_error(error)}", file=sys.stderr)
             status = EXIT_RUNTIME
     return status
 
