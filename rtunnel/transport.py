@@ -308,7 +308,9 @@ def _rejection(response: Response, target: str, token: str | None) -> ConnectErr
             f"{target} is a relay's HTTP listener (--http, where clients connect), not its agents listener: "
             "dial the address of `rtunnel serve --agents` instead"
         )
-    if status != 426 and response.headers.get(LISTENER_HEADER) != "agents":  # 426: some other version
+    # Without the header (SPEC.md section 2): not a relay, unless it is a refusal a relay that predates the
+    # header would give (401/403: the token; 426: another version).
+    if status not in (401, 403, 426) and response.headers.get(LISTENER_HEADER) != "agents":
         return NotARelay(
             f"{target} is not an rtunnel relay's agents listener (it answered {detail}); is it the relay's "
             "--http port? Agents dial the address of `rtunnel serve --agents`"
