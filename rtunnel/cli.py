@@ -16,11 +16,12 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .admin import AdminServer, parse_admin_address, run_status
+from .adminauth import is_loopback
 from .cliparse import EXIT_CONFIG, build_parser
 from .config import (
     ConfigError,
@@ -34,7 +35,10 @@ from .config import (
 )
 from .configfile import TUNNEL_NAME, TunnelSpec, describe_error, tunnel_token_env
 from .configfile import parse_args as parse_args_with_config
+from .dashboard import Dashboard, Replayer
+from .inspector import Inspector
 from .logs import setup as setup_logging
+from .redact import Redactor
 from .startup import StartupError, connect_hints, describe_os_error
 
 if TYPE_CHECKING:
@@ -49,11 +53,49 @@ log = logging.getLogger("rtunnel")
 EXIT_RUNTIME = 1
 
 
-def _admin_server(args: argparse.Namespace, metrics: Metrics) -> AdminServer | None:
+def _admin_server(
+    args: argparse.Namespace,
+    metrics: Metrics,
+    secrets: Sequence[bytes],
+    *,
+    info: dict[str, Any],
+    replayer: Replayer | None = None,
+) -> tuple[AdminServer | None, Inspector | None]:
+    """The admin endpoint, and the inspector it shows (--inspect); refuses an inspector open to others."""
+    token = args.admin_token or os.environ.get("RTUNNEL_ADMIN_TOKEN") or None
     if args.admin is None:
-        return None
+        if args.inspect or args.admin_token:
+            raise ConfigError(f"{'--inspect' if args.inspect else '--admin-token'} needs --admin")
+        return None, None
     host, port = parse_admin_address(args.admin)
-    return AdminServer(metrics, host, port)
+    if token is not None:
+        _check_admin_token(token)
+    inspector = None
+    if args.inspect:
+        if token is None and not is_loopback(host):
+            raise ConfigError(
+                f"--inspect with --admin {args.admin} (not a loopback address) needs --admin-token or "
+                "$RTUNNEL_ADMIN_TOKEN: captured requests would be open to anyone who can reach it"
+            )
+        words = [word.strip() for word in args.inspect_redact.split(",") if word.strip()]
+        known = [*secrets, *([token.encode()] if token else [])]
+        inspector = Inspector(
+            args.inspect, max_body=args.inspect_max_body, redactor=Redactor(words, secrets=known)
+        )
+    dashboard = Dashboard(
+        metrics,
+        inspector=inspector,
+        replayer=replayer if inspector is not None else None,
+        info=info,
+    )
+    return AdminServer(metrics, host, port, token=token, dashboard=dashboard), inspector
+
+
+def _check_admin_token(token: str) -> None:
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        raise ConfigError("admin token: printable ASCII without spaces")
+    if len(token) < 16:
+        raise ConfigError("admin token: at least 16 characters (e.g. `openssl rand -hex 16`)")
 
 
 async def _run_with_admin(admin: AdminServer | None, run: Callable[[], Awaitable[None]]) -> None:
@@ -98,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_tool(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """The commands that do one thing and exit."""
     if args.command == "status":
-        return run_status(args.admin)
+        return run_status(args.admin, args.admin_token)
     if args.command == "completion":
         import shtab
 
@@ -162,7 +204,16 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     )
     relay = Relay(config)
     token_file = args.token_file
-    admin = _admin_server(args, relay.metrics)
+    from .replay import ReplayClient
+
+    secrets = [g.token for g in groups] + [t.token for t in config.tunnels if t.token is not None]
+    admin, relay.inspector = _admin_server(
+        args,
+        relay.metrics,
+        secrets,
+        info={"tunnels": [t.name for t in config.tunnels]},
+        replayer=ReplayClient(lambda: relay.http_address),
+    )
     grace = args.grace
     # A CA made by `rtunnel cert` beside the certificate is what agents need for --ca.
     ca_file = "ca.pem" if args.tls_cert and Path(args.tls_cert).with_name("ca.pem").is_file() else None
@@ -317,7 +368,10 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         connect = functools.partial(transport.connect, extra_headers=((TUNNEL_HEADER, args.tunnel),))
     agent = Agent(config, handler, connect=connect)
     handler.on_exchange = agent.metrics.record_exchange
-    admin = _admin_server(args, agent.metrics)
+    info = {"allowlist": [rule.text for rule in allowlist.rules], "upstream": args.upstream}
+    admin, handler.inspector = _admin_server(
+        args, agent.metrics, [token.encode()] if token else [], info=info
+    )
     grace = args.grace
 
     async def run() -> None:

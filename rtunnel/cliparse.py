@@ -120,10 +120,10 @@ def _check_option_names(
         elsewhere = sorted(
             c for c, sub in commands.items() if sub is not owner and name in _option_strings(sub)
         )
-        if close:
-            hint = f" (did you mean {close[0]}?)"
-        elif elsewhere:
+        if elsewhere:
             hint = f" (an option of `rtunnel {elsewhere[0]}`)"
+        elif close:
+            hint = f" (did you mean {close[0]}?)"
         else:
             hint = ""
         owner.error(f"unrecognized option {name}{hint}")
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ADMIN,
         metavar="URL",
         help=f"the admin endpoint of `serve --admin` or `dial --admin` (default {DEFAULT_ADMIN})",
+    )
+    status.add_argument(
+        "--admin-token", metavar="TOKEN", help="its --admin-token (default: $RTUNNEL_ADMIN_TOKEN, else none)"
     )
     _global_options(status, config=False, mirror=True)
     demo = commands.add_parser("demo", help="start a relay, an agent and a sample service on localhost")
@@ -416,10 +419,41 @@ def _token_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_and_admin_options(parser: argparse.ArgumentParser) -> None:
+    from .inspector import DEFAULT_MAX_BODY
+    from .redact import DEFAULT_WORDS
+
     parser.add_argument(
         "--admin",
         metavar="[HOST:]PORT",
-        help="serve /healthz /readyz /metrics /status.json here (host default 127.0.0.1; default off)",
+        help="serve the dashboard, /healthz /readyz /metrics /status.json here (host default 127.0.0.1; "
+        "default off)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help="require this token (Bearer, or the login form) on every admin path but /healthz and /readyz "
+        "(default: $RTUNNEL_ADMIN_TOKEN, else none)",
+    )
+    parser.add_argument(
+        "--inspect",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="keep the last N exchanges for the inspector page (default 0: off; needs --admin)",
+    )
+    parser.add_argument(
+        "--inspect-max-body",
+        type=_size,
+        default=DEFAULT_MAX_BODY,
+        metavar="BYTES",
+        help="capture at most this much of each body (default 64K)",
+    )
+    parser.add_argument(
+        "--inspect-redact",
+        metavar="WORD[,WORD]",
+        default=",".join(DEFAULT_WORDS),
+        help="redact headers, query parameters and JSON fields whose name contains one of these words "
+        f"(default {','.join(DEFAULT_WORDS)}; Authorization, Cookie and the tokens always are)",
     )
     _global_options(parser, config=True, mirror=True)
 

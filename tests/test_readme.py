@@ -11,7 +11,7 @@ import pytest
 from protocol import Limits, Settings
 from rtunnel import cli
 from rtunnel.allowlist import DEFAULT_MAX_TARGET_LENGTH
-from rtunnel.cliparse import subparsers
+from rtunnel.cliparse import _size, subparsers
 from rtunnel.relay import STREAM_WINDOW, RelayConfig
 from rtunnel.relay_http import MAX_CHUNK_LINE, HttpLimits
 from rtunnel.wslink import MAX_MESSAGE_SIZE
@@ -148,7 +148,8 @@ def test_option_tables_show_the_parsers_defaults(command: str) -> None:
         for option, value in zip(options, values, strict=True):
             action = actions[option]
             if isinstance(action.default, float | int) and not isinstance(action.default, bool):
-                assert number(value) == action.default, (option, value, action.default)
+                documented = _size(value) if value[-1:] in ("K", "M", "G") else number(value)
+                assert documented == action.default, (option, value, action.default)
                 checked += 1
             elif isinstance(action.default, str):
                 assert value.strip("`") == action.default, (option, value, action.default)
