@@ -14,6 +14,8 @@ from typing import Any, Final
 
 import trio
 
+from .startup import StartupError  # the CLI prints it as one line (exit 1)
+
 __all__ = ["SHUTDOWN_TIMEOUT", "STARTUP_TIMEOUT", "Lifespan", "StartupError", "needs_asyncio"]
 
 log = logging.getLogger("rtunnel.agent.app")
@@ -23,10 +25,6 @@ SHUTDOWN_TIMEOUT: Final = 30.0
 MODES: Final = ("auto", "on", "off")
 
 Message = dict[str, Any]
-
-
-class StartupError(Exception):
-    """The app could not start: the message is the one line to show."""
 
 
 def needs_asyncio(exc: BaseException) -> bool:
