@@ -241,7 +241,7 @@ def _dial_parser(dial: argparse.ArgumentParser) -> None:
         "--upstream",
         type=upstream_url,
         metavar="URL",
-        help="the local service (or --app): http://HOST:PORT, HOST:PORT or PORT (then 127.0.0.1)",
+        help="the local service: http://HOST:PORT, HOST:PORT or PORT (then 127.0.0.1); required unless --app",
     )
     _app_options(dial)
     _token_options(dial)
@@ -411,7 +411,9 @@ def _app_options(parser: argparse.ArgumentParser) -> None:
     """`dial --app`: run a WSGI or ASGI app in the agent itself (rtunnel.service), uvicorn's option names."""
     group = parser.add_argument_group("in-process application (instead of --upstream)")
     group.add_argument(
-        "--app", metavar="MODULE:ATTR", help="a WSGI or ASGI app to run in the agent, e.g. myproject.web:app"
+        "--app",
+        metavar="MODULE:ATTR",
+        help="a WSGI or ASGI app to run in the agent, e.g. myproject.web:app; required unless --upstream",
     )
     group.add_argument(
         "--app-dir", default=".", metavar="DIR", help="put DIR first on sys.path to import --app"
