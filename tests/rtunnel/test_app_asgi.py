@@ -253,3 +253,37 @@ async def test_websocket_echo_through_the_tunnel() -> None:
             with pytest.raises(trio_websocket.HandshakeError):
                 async with trio_websocket.open_websocket_url(f"ws://{host}:{port}/no"):
                     pass
+
+
+async def test_max_streams_bounds_the_exchanges_the_app_runs_at_once() -> None:
+    running: list[str] = []
+    most = 0
+    release, first = trio.Event(), trio.Event()
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        nonlocal most
+        if scope["type"] != "http":
+            return
+        running.append(scope["path"])
+        most = max(most, len(running))
+        first.set()
+        await release.wait()
+        running.remove(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    async with open_tunnel(app, max_streams=1) as tunnel:
+        results: list[int] = []
+
+        async def get(path: str) -> None:
+            results.append((await tunnel.client.get(path)).status_code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get, "/a")
+            nursery.start_soon(get, "/b")
+            await first.wait()
+            await trio.sleep(0.2)  # the second request had time to arrive: the relay holds it back
+            assert len(running) == 1
+            release.set()
+    assert results == [200, 200]
+    assert most == 1
