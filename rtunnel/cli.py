@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(its own token: $RTUNNEL_TUNNEL_<NAME>_TOKEN)",
     )
     _liveness_options(serve)
+    _balancer_options(serve)
     _limit_options(serve)
     _config_and_admin_options(serve)
 
@@ -250,6 +251,43 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
     add("--auth-fail-window", float, relay.auth_fail_window, "SECONDS", "window of --auth-fail-limit")
 
 
+def _balancer_options(parser: argparse.ArgumentParser) -> None:
+    """Behind a load balancer or proxy (README, "Several agents, several relays"): who the client is."""
+    group = parser.add_argument_group("behind a load balancer")
+    group.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="HTTP connections start with a PROXY protocol v1/v2 header (HAProxy send-proxy, nginx "
+        "proxy_protocol); connections without one are closed",
+    )
+    group.add_argument(
+        "--agents-proxy-protocol",
+        action="store_true",
+        help="the same for the agents' listener (the header comes before TLS)",
+    )
+    group.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="believe X-Forwarded-For from these proxies (repeatable): the client is its rightmost "
+        "address outside them",
+    )
+
+
+def _trusted_proxies(cidrs: Sequence[str]) -> tuple[str, ...]:
+    import ipaddress
+
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"--trusted-proxy: {cidr!r} is not an address or network (e.g. 10.0.0.0/8)"
+            ) from None
+    return tuple(cidrs)
+
+
 def _token_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("authentication")
     group.add_argument("--token", help="shared secret (or set RTUNNEL_TOKEN)")
@@ -368,6 +406,9 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         auth_fail_limit=args.auth_fail_limit,
         auth_fail_window=args.auth_fail_window,
         tunnels=_tunnels(args, groups),
+        proxy_protocol=args.proxy_protocol,
+        agents_proxy_protocol=args.agents_proxy_protocol,
+        trusted_proxies=_trusted_proxies(args.trusted_proxy),
     )
     relay = Relay(config)
     token_file = args.token_file

@@ -18,6 +18,7 @@ import trio
 
 from protocol import ErrorCode, RequestHead
 
+from .clientaddr import TrustedProxies
 from .httpstrict import HeadChecker
 from .limits import Counter
 from .logs import Access, pick_request_id, with_request_id
@@ -82,6 +83,7 @@ class ClientConnection:
         limits: HttpLimits,
         *,
         client_ip: str,
+        trusted_proxies: TrustedProxies | None = None,
         scheme: str = "http",
         exchanges: Counter | None = None,
         on_exchange: Callable[[Access], None] | None = None,
@@ -95,7 +97,10 @@ class ClientConnection:
             registry = router
         self._router = registry
         self._limits = limits
-        self._client_ip = client_ip
+        self._client_ip = client_ip  # the connection's client: its peer, or the one a PROXY header names
+        # The connection comes from a trusted proxy: each request's client is read from its X-Forwarded-For.
+        self._trusted = trusted_proxies
+        self._client = client_ip  # the current request's client (limits, access log)
         self._scheme = scheme
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_size)
         # Exchanges in progress per client address, shared by all connections of one relay.
@@ -103,7 +108,7 @@ class ClientConnection:
         self._unfed = memoryview(b"")  # read from the client, not yet given to h11 (see FEED_SIZE)
         self._chunked = False  # the current request's body is chunked
         self._head_checker = HeadChecker()  # strict checks on the raw head being received (httpstrict)
-        self._holds_slot = False  # this connection's exchange counts in self._exchanges
+        self._holds_slot: str | None = None  # the key under which this exchange counts in self._exchanges
         self.busy = False  # an exchange is in progress (the relay's drain waits for those)
         self.draining = False  # set by the relay's drain: close once the current exchange is done
 
@@ -209,6 +214,9 @@ class ClientConnection:
     async def _exchange(self, request: h11.Request) -> bool:
         started = trio.current_time()
         self._request_id = pick_request_id(request.headers.raw_items())
+        if self._trusted is not None:
+            forwarded = [value for name, value in request.headers if name == b"x-forwarded-for"]
+            self._client = self._trusted.client_of(forwarded, self._client_ip)
         problem = self._check_request(request)
         if problem is not None:
             status, reason = problem
@@ -470,10 +478,10 @@ class ClientConnection:
 
     def _admit(self) -> tuple[int, str] | None:
         """The limits shared with other clients: the offender alone gets 429/503 (Retry-After), others go on."""
-        refused = self._exchanges.acquire(self._client_ip)
+        refused = self._exchanges.acquire(self._client)
         if refused is not None:
             return 429, "too many concurrent requests from your address"
-        self._holds_slot = True
+        self._holds_slot = self._client
         budget = self._limits.max_buffered_bytes
         if budget is not None:
             buffered = sum(mux.buffered_bytes for mux in self._router.agents)
@@ -483,9 +491,9 @@ class ClientConnection:
         return None
 
     def _release_exchange_slot(self) -> None:
-        if self._holds_slot:
-            self._holds_slot = False
-            self._exchanges.release(self._client_ip)
+        if self._holds_slot is not None:
+            self._exchanges.release(self._holds_slot)
+            self._holds_slot = None
 
     def _check_request(self, request: h11.Request) -> tuple[int, str] | None:
         if request.http_version not in (b"1.0", b"1.1"):
@@ -601,7 +609,7 @@ class ClientConnection:
         )
         access_log.info(
             "%s %s %s %d in=%d out=%d %.1fms id=%s",
-            self._client_ip,
+            self._client,
             access.method,
             path,
             status,
@@ -609,7 +617,7 @@ class ClientConnection:
             bytes_out,
             access.duration_ms,
             access.request_id,
-            extra=access.extra(client=self._client_ip),
+            extra=access.extra(client=self._client),
         )
         if self._on_exchange is not None:
             self._on_exchange(access)
