@@ -373,10 +373,10 @@ class Relay:
 
     async def _proxied_client(self, stream: trio.SocketStream, balancer: str) -> str | None:
         """The client a balancer's connection carries, from its PROXY header (None: closed, logged). While the
-        header is awaited the connection counts as the balancer's own, so a peer that sends none is held to
-        the per-address limit of its own address."""
+        header is awaited (at most --head-timeout) the connection counts in the total only: every connection of
+        the balancer passes through this phase, however many clients it carries."""
         assert self._proxy_header is not None
-        refused = self._connections.acquire(balancer)
+        refused = self._connections.acquire(balancer, limit_key=False)
         if refused is not None:
             await self._refuse(stream, refused, balancer)
             return None
