@@ -17,21 +17,21 @@ V1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 8080\r\n"
 V2 = V2_SIGNATURE + b"\x21\x11\x00\x0c" + bytes([203, 0, 113, 9, 10, 0, 0, 1]) + b"\x9c\x40\x1f\x90"
 
 
+async def _trickle(sock: trio.socket.SocketType, header: bytes, after: bytes) -> None:
+    # Split across reads: a byte at a time through the header, the rest in one go.
+    for i in range(len(header)):
+        await sock.send(header[i : i + 1])
+        await trio.sleep(0.001)
+    await sock.send(after)
+
+
 async def test_the_header_is_consumed_exactly_and_what_follows_stays_for_the_next_reader() -> None:
+    after = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     for header, client in ((V1, "203.0.113.7"), (V2, "203.0.113.9")):
         left, right = trio.socket.socketpair()
         with left, right:
-            after = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
-
-            async def trickle(data: bytes = header + after) -> None:
-                # Split across reads: a byte at a time through the header, the rest in one go.
-                for i in range(len(header)):
-                    await left.send(data[i : i + 1])
-                    await trio.sleep(0.001)
-                await left.send(data[len(header) :])
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trickle)
+                nursery.start_soon(_trickle, left, header, after)
                 parsed = await read_proxy_header(right)
             assert parsed.client_address == client
             received = b""

@@ -8,6 +8,7 @@ of the protocol that comes next (which must never be consumed).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import struct
 
 import pytest
@@ -103,7 +104,7 @@ def splits(draw: st.DrawFn, data: bytes) -> list[bytes]:
     """`data` cut into pieces at points hypothesis picks (one byte at a time included)."""
     cuts = sorted(draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=len(data))))
     bounds = [0, *[c for c in cuts if c < len(data)], len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def feed_all(parser: ProxyHeaderParser, pieces: list[bytes]) -> list[int]:
