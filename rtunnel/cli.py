@@ -549,6 +549,7 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         connect = functools.partial(transport.connect, extra_headers=((TUNNEL_HEADER, args.tunnel),))
     agent = Agent(config, handler, connect=connect)
     handler.on_exchange = agent.metrics.record_exchange
+    agent.metrics.pooled_connections = lambda: handler.pool.idle_count
     admin = _admin_server(args, agent.metrics)
     grace = args.grace
 
