@@ -4,10 +4,12 @@ and X-Forwarded-For from trusted proxies (in-memory relay rig)."""
 from __future__ import annotations
 
 import logging
+import ssl
 import struct
 
 import pytest
 import trio
+import trustme
 
 from rtunnel.clientaddr import TrustedProxies
 from rtunnel.proxyprotocol import V2_SIGNATURE
@@ -181,3 +183,32 @@ async def test_behind_a_trusted_proxy_exchanges_are_limited_per_forwarded_client
     assert forwarded[b"/c"] == [b"203.0.113.2, 10.1.1.1, 10.0.0.5"]
     assert forwarded[b"/d"] == [b"203.0.113.1, 198.51.100.3"]
     assert b"/b" not in forwarded
+
+
+async def test_with_tls_the_proxy_header_comes_before_the_handshake(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "rtunnel")
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    relay = await _start(nursery, tokens=(TOKEN,), agents_proxy_protocol=True, ssl_context=server)
+    assert relay.agents_address is not None
+
+    async def attempt(token: bytes) -> bytes:
+        tcp = await _connect(relay.agents_address[1])  # type: ignore[index]
+        await tcp.send_all(v1("203.0.113.88", 41000))
+        tls = trio.SSLStream(tcp, client, server_hostname="127.0.0.1")
+        await tls.send_all(_upgrade(token))
+        head = b""
+        with trio.fail_after(10):
+            while b"\r\n" not in head:
+                head += await tls.receive_some()
+        await trio.aclose_forcefully(tls)
+        return head.split(b"\r\n", 1)[0]
+
+    assert await attempt(b"wrong") == b"HTTP/1.1 401 Unauthorized"
+    assert any("rejected 203.0.113.88:41000" in r.getMessage() for r in caplog.records)
+    assert await attempt(TOKEN) == b"HTTP/1.1 101 Switching Protocols"
