@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import ssl
 import struct
+from functools import partial
 
 import pytest
 import trio
 import trustme
 
+from rtunnel import transport
 from rtunnel.clientaddr import TrustedProxies
 from rtunnel.proxyprotocol import V2_SIGNATURE
 from rtunnel.relay import Relay, RelayConfig
@@ -212,3 +214,48 @@ async def test_with_tls_the_proxy_header_comes_before_the_handshake(
     assert await attempt(b"wrong") == b"HTTP/1.1 401 Unauthorized"
     assert any("rejected 203.0.113.88:41000" in r.getMessage() for r in caplog.records)
     assert await attempt(TOKEN) == b"HTTP/1.1 101 Switching Protocols"
+
+
+async def test_an_address_with_too_many_handshakes_in_progress_is_closed_at_once(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "rtunnel")
+
+    async def handler(link: transport.Transport) -> None:
+        return
+
+    _, port = await nursery.start(
+        partial(
+            transport.serve,
+            handler,
+            "127.0.0.1",
+            0,
+            authenticate=lambda t: t == TOKEN,
+            max_handshakes_per_ip=2,
+        )
+    )
+    stalled = [await _connect_from("127.0.0.2", port) for _ in range(2)]
+    for stream in stalled:
+        await stream.send_all(b"GET / HTTP/1.1\r\n")  # a handshake in progress, never finished
+    over = await _connect_from("127.0.0.2", port)
+    assert await _read_head(over) == b""  # closed before anything was read or answered
+    async with await _connect(port) as other:  # another address is not affected
+        await other.send_all(_upgrade(TOKEN))
+        assert (await _read_head(other)).startswith(b"HTTP/1.1 101")
+    assert (
+        sum("too many agent handshakes in progress from 127.0.0.2" in r.getMessage() for r in caplog.records)
+        == 1
+    )
+    for stream in (*stalled, over):
+        await stream.aclose()
+
+
+async def _connect_from(source: str, port: int) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        pytest.skip(f"cannot connect from {source}: {exc}")
+    return trio.SocketStream(sock)
