@@ -19,6 +19,7 @@ from rtunnel.relay import Relay, RelayConfig
 from rtunnel.relay_http import HttpLimits
 
 from .relay_rig import relay_rig
+from .test_relay_limits import _connect_from
 
 TOKEN = b"proxy-protocol-test-token"
 
@@ -248,14 +249,3 @@ async def test_an_address_with_too_many_handshakes_in_progress_is_closed_at_once
     )
     for stream in (*stalled, over):
         await stream.aclose()
-
-
-async def _connect_from(source: str, port: int) -> trio.SocketStream:
-    sock = trio.socket.socket()
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except OSError as exc:
-        sock.close()
-        pytest.skip(f"cannot connect from {source}: {exc}")
-    return trio.SocketStream(sock)
