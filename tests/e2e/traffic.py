@@ -241,9 +241,15 @@ async def _aborted_download(stack: Stack) -> None:
     await _raw(stack, b"GET /bytes/%d HTTP/1.1\r\nHost: a\r\n\r\n" % (64 * MiB), b"", 256 * KiB)
 
 
+_DENIED: dict[str, str] = {}  # the SHA-256 of the first refusal's body: every later one must be the same
+
+
 async def _denied(stack: Stack) -> None:
     response = await stack.http.delete("/private")
     _expect(response, 403)
+    digest = hashlib.sha256(response.content).hexdigest()
+    if _DENIED.setdefault("body", digest) != digest:
+        raise _Wrong(f"denied request: a different refusal body {response.text[:200]!r}")
 
 
 KINDS: dict[str, Callable[[Stack], Awaitable[None]]] = {
