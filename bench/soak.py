@@ -30,7 +30,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.traffic import KINDS, Checker, Snapshot, Stack, burst, open_stack, run_kind
+from tests.e2e.traffic import KINDS, Checker, Snapshot, Stack, open_stack, run_kind
 
 # How often each kind is picked by a worker: mostly small requests, as in real traffic.
 WEIGHTS = {
@@ -77,7 +77,9 @@ async def sampler(
 
 def table(samples: list[tuple[float, Snapshot]], every: float) -> str:
     names = list(samples[0][1].processes)
-    header = ["t (s)"] + [f"{n} {k}" for n in names for k in ("RSS MiB", "fds", "tasks", "streams")]
+    header = ["t (s)"] + [
+        f"{n} {k}" for n in names for k in ("RSS MiB", "kblocks", "fds", "tasks", "streams")
+    ]
     rows, last = [header], -every
     for i, (t, snapshot) in enumerate(samples):
         if t - last < every and i != len(samples) - 1:
@@ -86,7 +88,8 @@ def table(samples: list[tuple[float, Snapshot]], every: float) -> str:
         row = [f"{t:.0f}"]
         for name in names:
             p = snapshot.processes[name]
-            row += [f"{p['rss_bytes'] / 2**20:.1f}", str(p["fds"]), str(p["tasks"]), str(p["streams_open"])]
+            row += [f"{p['rss_bytes'] / 2**20:.1f}", f"{p['allocated_blocks'] / 1000:.0f}"]
+            row += [str(p["fds"]), str(p["tasks"]), str(p["streams_open"])]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
@@ -113,7 +116,12 @@ async def _run(
 ]:
     async with open_stack(token) as stack:
         checker = Checker()
-        await burst(stack, checker, small=4)  # warm-up: pools and caches exist from here on
+        # Warm-up: pools and caches exist from here on, and the heaviest moment the workers can make (every
+        # one of them in a bulk transfer at once) has set the allocator's high-water mark.
+        async with trio.open_nursery() as nursery:
+            for _ in range(args.concurrency):
+                for kind in ("bulk down", "bulk up", "aborted download", "websocket", "small"):
+                    nursery.start_soon(run_kind, stack, checker, kind)
         await stack.http.aclose()
         stack.http = type(stack.http)(base_url=stack.http.base_url, timeout=60, trust_env=False)
         start = levels(await stack.snapshot())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -159,7 +160,14 @@ class Metrics:
         """What a leak would show first: trio tasks, open file descriptors, resident memory (the soak in
         bench/soak.py and the leak test compare them before and after traffic)."""
         pooled = self.pooled_connections() if self.pooled_connections is not None else 0
-        return {"tasks": _task_count(), "fds": _fd_count(), "rss_bytes": _rss(), "pooled_connections": pooled}
+        return {
+            "tasks": _task_count(),
+            "fds": _fd_count(),
+            "rss_bytes": _rss(),
+            # Python objects' memory blocks: they grow with a leak, RSS also with the allocator's high-water mark.
+            "allocated_blocks": sys.getallocatedblocks(),
+            "pooled_connections": pooled,
+        }
 
 
 def _task_count() -> int | None:
