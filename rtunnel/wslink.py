@@ -10,8 +10,9 @@ imports. I/O design (one link = one socket):
   Close reply) go to a small buffer that the next sender writes in front of its frame, or that one
   writer task per link writes under the same lock. So the reader never waits for the socket: with
   both ends writing and neither reading, waiting there would deadlock the link. Our mux pings at its
-  own protocol level; WebSocket pings only come from third-party peers, and a peer that pings faster
-  than we can write loses the link.
+  own protocol level; WebSocket pings only come from third-party peers. Each one is reported to
+  `on_ping` (the mux charges it to the protocol's PING budget), and a peer that pings faster than we
+  can write loses the link.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import os
 import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 from websockets.client import ClientProtocol
@@ -74,6 +75,19 @@ class TransportClosed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class TextMessage(TransportClosed):
+    """The peer sent a text message: a connection error PROTOCOL_ERROR (SPEC 2). The link is left open so
+    that the caller can send its GOAWAY first; closing it then sends Close 1003."""
+
+
+# WebSocket close codes (SPEC 2): which one ends a connection, by how it ended.
+CLOSE_NORMAL = 1000  # a drain completed, or a plain close
+CLOSE_GOING_AWAY = 1001  # the endpoint is shutting down
+CLOSE_PROTOCOL_ERROR = 1002  # after a GOAWAY reporting a connection error
+CLOSE_UNSUPPORTED_DATA = 1003  # after a text message
+CLOSE_POLICY_VIOLATION = 1008  # after a GOAWAY with ENHANCE_YOUR_CALM
 
 
 def _describe_stream_error(exc: BaseException) -> str:
@@ -152,6 +166,9 @@ class Transport:
         self.remote = remote  # "host:port" of the peer, for logs
         # What the server's authenticate() returned for this link (e.g. the token group), None on clients.
         self.principal: object = None
+        # Called for each WebSocket ping as it is read, before its pong is queued; an exception it raises
+        # ends that receive() (the caller is failing the link: nothing else read with the ping counts).
+        self.on_ping: Callable[[], None] | None = None
         self._stream = stream
         self._socket = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         self._proto = proto
@@ -210,9 +227,8 @@ class Transport:
                     return self._messages.popleft()
                 continue
             if self._text:
-                reason = "peer sent a text message (rtunnel.v1 uses binary messages only)"
-                await self._close(1003, "binary messages only", reason)
-                raise TransportClosed(reason)
+                await trio.lowlevel.checkpoint()
+                raise TextMessage("peer sent a text message (rtunnel.v1 uses binary messages only)")
             if self.closed:
                 await trio.lowlevel.checkpoint()
                 raise TransportClosed(self._reason())
@@ -223,9 +239,26 @@ class Transport:
             finally:
                 self._read_lock.release()
 
-    async def aclose(self) -> None:
-        """Graceful close (Close handshake), bounded by close_timeout; idempotent."""
-        await self._close(1000, "", "closed locally")
+    async def send_text(self, text: str) -> None:
+        """Send a text message, which rtunnel.v1 forbids: only the conformance runner's scripted peers do."""
+        async with self._send_lock:
+            if self.closed or self._proto.state is not State.OPEN:
+                raise TransportClosed(self._reason())
+            self._proto.send_text(text.encode())
+            if not await self._send_all(b"".join(self._proto.data_to_send())):
+                raise TransportClosed(self._reason())
+
+    @property
+    def peer_close(self) -> tuple[int, str] | None:
+        """Code and reason of the peer's Close frame; None while none arrived (or the TCP connection was just
+        dropped, which a WebSocket API reports as 1006)."""
+        received = self._proto.close_rcvd
+        return None if received is None else (received.code, received.reason)
+
+    async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Graceful close (Close handshake with `code`), bounded by close_timeout; idempotent (the first
+        close decides the code). After a text message the code is always 1003."""
+        await self._close(code, reason, "closed locally")
 
     def abort(self) -> None:
         """Close the socket now, without a Close frame (which could wait behind a stuck send)."""
@@ -342,9 +375,11 @@ class Transport:
                         self._fragments = None
             elif opcode is Opcode.TEXT:
                 self._text = True
+            elif opcode is Opcode.PING and self.on_ping is not None:
+                self.on_ping()
             elif opcode is Opcode.CLOSE and self._end is None and self._proto.close_rcvd is not None:
                 self._end = _describe_close(self._proto.close_rcvd)
-            # PING: the protocol queued the Pong already (written below); PONG: nothing to do.
+            # PING: the protocol queued the Pong already (written below unless on_ping raised); PONG: nothing.
         proto = self._proto
         if self._end is None and proto.parser_exc is not None and not isinstance(proto.parser_exc, EOFError):
             # Protocol violation or message over max_size: the protocol sent Close (1002/1009).
@@ -375,6 +410,8 @@ class Transport:
     # -- closing ---------------------------------------------------------------------------------
 
     async def _close(self, code: int, ws_reason: str, local_reason: str) -> None:
+        if self._text:
+            code, ws_reason = CLOSE_UNSUPPORTED_DATA, "binary messages only"
         if self._local_reason is None:
             self._local_reason = local_reason
         try:
