@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .activity import Activity
 from .logs import Access
 from .mux import Multiplexer
 
@@ -60,6 +61,7 @@ class Metrics:
         # Idle keep-alive connections to the upstream (agent side): sockets that are held on purpose.
         self.pooled_connections: Callable[[], int] | None = None
         self._retired_stalls = 0
+        self.activity = Activity(role)  # the dashboard's rates and last errors
         # The *_created series double the page for no use here (and are process-wide anyway).
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
@@ -112,6 +114,7 @@ class Metrics:
         self.body_bytes.labels(direction="request").inc(access.bytes_in)
         self.body_bytes.labels(direction="response").inc(access.bytes_out)
         self.duration.observe(access.duration_ms / 1000)
+        self.activity.record(access)
 
     # -- reading ------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from protocol import RemoteProtocolError, Role, Settings
 from . import transport
 from .clientaddr import ProxyHeaderGate, TrustedProxies, peer_ip
 from .config import TokenGroup
+from .inspector import Inspector
 from .limits import AuthThrottle, Counter
 from .metrics import Metrics
 from .mux import LinkDead, Multiplexer, close_code
@@ -111,6 +112,7 @@ class Relay:
             if t.token is not None
         }
         self.metrics = Metrics("relay")
+        self.inspector: Inspector | None = None  # --inspect: every client connection records into it
         self.http_address: tuple[str, int] | None = None
         self.agents_address: tuple[str, int] | None = None
         self._draining = False
@@ -135,6 +137,11 @@ class Relay:
         self._proxy_header = (
             ProxyHeaderGate("http listener", limits.head_timeout) if config.proxy_protocol else None
         )
+
+    @property
+    def connection_count(self) -> int:
+        """Client connections on the HTTP listener, as counted against --max-connections."""
+        return self._connections.total
 
     @property
     def registry(self) -> AgentRegistry:
@@ -376,13 +383,12 @@ class Relay:
         # A trusted proxy's connections carry many clients: only its exchanges are limited per client.
         trusted = self._trusted.contains(client_ip) if self._trusted else False
         refused = self._connections.acquire(client_ip, limit_key=not trusted)
+        if refused == "total" and self._reclaim_idle_connection():
+            refused = self._connections.acquire(client_ip, limit_key=not trusted)
         if refused is not None:
             await self._refuse(stream, refused, client_ip)
             return
-        try:
-            await self._serve_client(stream, client_ip, trusted)
-        finally:
-            self._connections.release(client_ip)
+        await self._serve_client(stream, client_ip, trusted)
 
     async def _refuse(self, stream: trio.SocketStream, refused: str, client_ip: str) -> None:
         if refused not in self._refusals_logged:
@@ -398,6 +404,8 @@ class Relay:
         the balancer passes through this phase, however many clients it carries."""
         assert self._proxy_header is not None
         refused = self._connections.acquire(balancer, limit_key=False)
+        if refused == "total" and self._reclaim_idle_connection():
+            refused = self._connections.acquire(balancer, limit_key=False)
         if refused is not None:
             await self._refuse(stream, refused, balancer)
             return None
@@ -409,7 +417,24 @@ class Relay:
             return None
         return header.client_address or balancer
 
+    def _reclaim_idle_connection(self) -> bool:
+        """At the total connection limit: close the connection idle the longest (between requests, or
+        before its first), as nginx reuses keep-alive connections, so that a new client is served rather
+        than refused because others keep connections open. Its slot is free at once."""
+        idle = [connection for connection in self._clients if connection.idle_since is not None]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda connection: connection.idle_since or 0.0)
+        oldest.reclaim()
+        self._connections.release(oldest.client_ip)
+        if "reclaim" not in self._refusals_logged:
+            self._refusals_logged.add("reclaim")  # once: under a flood this happens for every connection
+            log.warning("connection limit reached: closing the longest idle connections to serve new ones")
+        return True
+
     async def _serve_client(self, stream: trio.SocketStream, client_ip: str, trusted: bool) -> None:
+        """Serve one client connection, which holds a slot of self._connections (given back at the end,
+        unless it was reclaimed, which gave it back already)."""
         connection = ClientConnection(
             stream,
             self.router,
@@ -419,18 +444,23 @@ class Relay:
             on_exchange=self.metrics.record_exchange,
             exchanges=self._exchanges,
         )
-        with trio.CancelScope() as scope:
-            if self._draining:
-                return  # accepted just before the listener closed
-            self._clients[connection] = scope
-            try:
-                await connection.serve()
-            except Exception:
-                # One client's bug must never take the listener (and every other client) down.
-                log.exception("client %s: unexpected error", client_ip)
-            finally:
-                del self._clients[connection]
-                self._notify_clients()
+        connection.inspector = self.inspector
+        try:
+            with trio.CancelScope() as scope:
+                if self._draining:
+                    return  # accepted just before the listener closed
+                self._clients[connection] = scope
+                try:
+                    await connection.serve()
+                except Exception:
+                    # One client's bug must never take the listener (and every other client) down.
+                    log.exception("client %s: unexpected error", client_ip)
+                finally:
+                    del self._clients[connection]
+                    self._notify_clients()
+        finally:
+            if not connection.reclaimed:
+                self._connections.release(client_ip)
 
 
 _OVERLOADED = (
