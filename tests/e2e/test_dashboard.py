@@ -331,6 +331,8 @@ async def test_without_a_token_only_unrebindable_host_names_reach_the_pages(toke
         # A name an attacker's DNS could point here: a web page must not read captured requests with it.
         for path in ("/", "/events", "/api/exchanges/1"):
             assert (await admin.get(path, headers={"Host": "evil.example:9180"})).status_code == 403
+        # A Host that is no name at all is refused the same way (it was a logged traceback, no answer).
+        assert (await admin.get("/", headers={"Host": "[::1"})).status_code == 403
         # Probes and scrapes keep working with any name.
         assert (await admin.get("/metrics", headers={"Host": "relay.internal:9180"})).status_code == 200
 
