@@ -34,8 +34,14 @@ class Redactor:
         # One search instead of a loop over the words: this runs for every header of every captured exchange.
         self._names = re.compile("|".join(map(re.escape, self.words)) or "(?!)", re.IGNORECASE)
         self._names_bytes = re.compile(self._names.pattern.encode("latin-1"), re.IGNORECASE)
+        self._secrets: list[bytes] = []
+        self.add_secrets(secrets)
+
+    def add_secrets(self, secrets: Iterable[bytes]) -> None:
+        """More known secrets (tokens a SIGHUP added): redacted from now on, with those known before."""
         # Longest first, so that a token containing another one is replaced whole.
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        known = {*self._secrets, *(s for s in secrets if len(s) >= 4)}
+        self._secrets = sorted(known, key=len, reverse=True)
 
     def secret_name(self, name: str | bytes) -> bool:
         if isinstance(name, bytes):

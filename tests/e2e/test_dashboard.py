@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -400,3 +402,25 @@ async def test_a_session_cookie_behind_a_tls_proxy_is_secure(token: str) -> None
         admin.cookies.clear()
         behind_tls = await admin.get("/", headers={"X-Forwarded-Proto": "https"})
         assert behind_tls.headers["set-cookie"].endswith("; Secure")
+
+
+async def test_a_token_added_on_sighup_is_redacted_too(upstream: Upstream, tmp_path: Path) -> None:
+    first, added = "tok-" + secrets.token_hex(8), "tok-" + secrets.token_hex(8)
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{first}\n")
+    args = ("--token-file", str(token_file), "--admin", "127.0.0.1:0", "--inspect", "5")
+    async with (
+        run_relay(None, extra_args=args) as relay,
+        run_agent(relay.agents_url, upstream.url, token=first),
+        http_client(await admin_url(relay)) as admin,
+        http_client(relay.http_url) as client,
+    ):
+        await relay.wait_for_line("agent connected from")
+        token_file.write_text(f"{first}\n{added}\n")
+        relay.send_signal(signal.SIGHUP)
+        await relay.wait_for_line("tokens reloaded")
+        note = f"old {first} new {added}"
+        assert (await client.get("/echo/x", headers={"X-Note": note})).status_code == 200
+        await wait_captured(admin, 1)
+        headers = dict((await admin.get("/api/exchanges/1")).json()["request"]["headers"])
+        assert headers["X-Note"] == "old [redacted] new [redacted]"
