@@ -71,6 +71,7 @@ class Capture:
     note: str | None = None
     replay_of: int | None = None
     done: bool = False
+    finished: int = 0  # its place in the order exchanges finished (ids say the order they began)
     inspector: Inspector | None = dataclasses.field(default=None, repr=False)
 
     def tap(self, stream: MuxStream, peer: str) -> MuxStream:
@@ -136,6 +137,7 @@ class Inspector:
         self.redactor = redactor or Redactor()
         self._captures: OrderedDict[int, Capture] = OrderedDict()
         self._ids = itertools.count(1)
+        self._finished = 0  # captures finished so far
         self._in_flight_budget = limit * 2 * max_body
         self._in_flight_bytes = 0
         # Captures begun and not finished. An exchange that never finishes (its task cancelled on the way)
@@ -196,6 +198,8 @@ class Inspector:
             redact.body(bytes(capture.response.data), _content_type(capture.response_headers))
         )
         capture.done = True
+        self._finished += 1
+        capture.finished = self._finished
         self._captures[capture.id] = capture
         while len(self._captures) > self.limit:
             self._captures.popitem(last=False)
@@ -227,14 +231,24 @@ class Inspector:
     def get(self, capture_id: int) -> Capture | None:
         return self._captures.get(capture_id)
 
-    def since(self, last_id: int) -> list[Capture]:
-        """Finished captures newer than `last_id`, oldest first."""
-        return [c for c in self._captures.values() if c.id > last_id]
+    def since(self, finished: int) -> list[Capture]:
+        """The captures that finished after the first `finished` did (see `newest`), in the order they did.
+
+        By order of finishing, not by id: an exchange that began first (a long download) may end last, and
+        it is news then. The walk stops at the first capture already seen, so a reader polling for news
+        costs what is new, not N."""
+        newer = []
+        for capture in reversed(self._captures.values()):
+            if capture.finished <= finished:
+                break
+            newer.append(capture)
+        newer.reverse()
+        return newer
 
     @property
     def newest(self) -> int:
-        """The id of the newest finished capture (0: none yet)."""
-        return next(reversed(self._captures), 0)
+        """How many captures have finished so far: what a reader passes to `since` to get what is new."""
+        return self._finished
 
     def __len__(self) -> int:
         return len(self._captures)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any, cast
+
+import trio
+import trio.testing
+
+from rtunnel.adminauth import Principal
+from rtunnel.dashboard import Dashboard
 from rtunnel.inspector import Inspector, hex_dump
+from rtunnel.logs import Access
+from rtunnel.metrics import Metrics
 
 
 def test_bodies_are_shown_as_json_text_or_hex() -> None:
@@ -28,3 +38,33 @@ def test_in_flight_captures_share_a_budget_that_abandoned_ones_give_back() -> No
     third = inspector.begin("relay", b"POST", b"/", [], request_id=None)
     inspector._take(third.request, b"d" * 4)
     assert third.request.captured == 4 and not third.request.dropped
+
+
+def _access(path: str) -> Access:
+    return Access("GET", path, 200, 0, 0, 1.0, None)
+
+
+async def test_an_exchange_that_ends_after_a_later_one_still_reaches_the_event_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A long download begins first (id 1) and ends after a short request (id 2): news when it ends, although
+    # its id is older than the newest row the page has already seen.
+    inspector = Inspector(4)
+    dashboard = Dashboard(Metrics("relay"), inspector=inspector)
+    events = dashboard._events(Principal(None), login=False)
+    long = inspector.begin("relay", b"GET", b"/long", [], request_id=None)
+    short = inspector.begin("relay", b"GET", b"/short", [], request_id=None)
+    assert b'"rows":[]' in await events.__anext__()  # the snapshot
+    short.finish(_access("/short"))
+    assert [row["path"] for row in _update(await events.__anext__())["rows"]] == ["/short"]
+    long.finish(_access("/long"))
+    assert [row["path"] for row in _update(await events.__anext__())["rows"]] == ["/long"]
+    assert [c.id for c in inspector.since(0)] == [2, 1]  # the order they finished in
+    assert inspector.since(inspector.newest) == []
+    await events.aclose()
+
+
+def _update(chunk: bytes) -> dict[str, Any]:
+    name, data = chunk.decode().splitlines()[:2]
+    assert name == "event: update"
+    return cast(dict[str, Any], json.loads(data.removeprefix("data: ")))
