@@ -66,13 +66,16 @@ class Capture:
     status: int | None = None
     reason: str = ""
     response_headers: Headers = dataclasses.field(default_factory=list)
-    trailers: Headers = dataclasses.field(default_factory=list)
+    request_trailers: Headers = dataclasses.field(default_factory=list)
+    response_trailers: Headers = dataclasses.field(default_factory=list)
     duration_ms: float = 0.0
     note: str | None = None
     replay_of: int | None = None
     done: bool = False
     finished: int = 0  # its place in the order exchanges finished (ids say the order they began)
     inspector: Inspector | None = dataclasses.field(default=None, repr=False)
+    # The stream of the last attempt: the trailers it received are read from it when the exchange ends.
+    stream: MuxStream | None = dataclasses.field(default=None, repr=False)
 
     def tap(self, stream: MuxStream, peer: str) -> MuxStream:
         """`stream`, with what it carries copied into this capture (a retry's new stream starts the bodies
@@ -82,6 +85,7 @@ class Capture:
         self.inspector._release(self)
         self.request, self.response = Body(), Body()
         self.peer = peer
+        self.stream = stream
         return cast(MuxStream, _Tap(self.inspector, self, stream))
 
     def finish(self, access: Access) -> None:
@@ -90,7 +94,7 @@ class Capture:
 
     @property
     def replayable(self) -> bool:
-        return self.side == "relay" and self.request.complete and not self.trailers
+        return self.side == "relay" and self.request.complete and not self.request_trailers
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -115,13 +119,14 @@ class Capture:
             "request": {
                 "headers": _text_headers(self.request_headers),
                 "body": _show(self.request, self.request_headers),
+                "trailers": _text_headers(self.request_trailers),
             },
             "response": {
                 "status": self.status,
                 "reason": self.reason,
                 "headers": _text_headers(self.response_headers),
                 "body": _show(self.response, self.response_headers),
-                "trailers": _text_headers(self.trailers),
+                "trailers": _text_headers(self.response_trailers),
             },
         }
 
@@ -191,6 +196,13 @@ class Inspector:
         if capture.response.size == 0:
             capture.response.size = access.bytes_out
         redact = self.redactor
+        if capture.stream is not None and capture.stream.trailers:
+            received = redact.headers(capture.stream.trailers)
+            if capture.side == "relay":
+                capture.response_trailers = received
+            else:
+                capture.request_trailers = received
+        capture.stream = None
         capture.request.data = bytearray(
             redact.body(bytes(capture.request.data), _content_type(capture.request_headers))
         )
@@ -287,7 +299,11 @@ class _Tap:
 
     async def send_trailers(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
         await self._stream.send_trailers(headers)
-        self._capture.trailers = self._inspector.redactor.headers(headers)
+        trailers = self._inspector.redactor.headers(headers)
+        if self._capture.side == "relay":
+            self._capture.request_trailers = trailers
+        else:
+            self._capture.response_trailers = trailers
 
     async def receive_reply(self) -> ResponseHead:
         head = await self._stream.receive_reply()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
+import pytest
 import trio
 import trio.testing
 
@@ -13,6 +14,7 @@ from rtunnel.dashboard import Dashboard
 from rtunnel.inspector import Inspector, hex_dump
 from rtunnel.logs import Access
 from rtunnel.metrics import Metrics
+from rtunnel.mux import MuxStream
 
 
 def test_bodies_are_shown_as_json_text_or_hex() -> None:
@@ -68,3 +70,33 @@ def _update(chunk: bytes) -> dict[str, Any]:
     name, data = chunk.decode().splitlines()[:2]
     assert name == "event: update"
     return cast(dict[str, Any], json.loads(data.removeprefix("data: ")))
+
+
+class _Stream:
+    """What a tap needs of a MuxStream to carry trailers: those it sends, and those it received."""
+
+    def __init__(self) -> None:
+        self.trailers: tuple[tuple[bytes, bytes], ...] | None = None
+        self.sent: list[tuple[bytes, bytes]] = []
+
+    async def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.sent += headers
+
+
+@pytest.mark.parametrize("side", ["relay", "agent"])
+async def test_trailers_are_shown_with_the_message_they_end(side: str) -> None:
+    # The relay sends the request's trailers and receives the response's; the agent the other way round.
+    inspector = Inspector(4)
+    capture = inspector.begin(side, b"POST", b"/", [], request_id=None)
+    stream = _Stream()
+    tap = capture.tap(cast(MuxStream, stream), "peer")
+    sent, received = [(b"X-Sum", b"1"), (b"X-Token", b"t")], ((b"X-Done", b"2"),)
+    await tap.send_trailers(sent)
+    stream.trailers = received
+    capture.finish(_access("/"))
+    detail = capture.detail()
+    mine, theirs = ("request", "response") if side == "relay" else ("response", "request")
+    assert detail[mine]["trailers"] == [["X-Sum", "1"], ["X-Token", "[redacted]"]]
+    assert detail[theirs]["trailers"] == [["X-Done", "2"]]
+    assert stream.sent == sent
+    assert not detail["replayable"]  # the relay's request had trailers; the agent never replays
