@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .mux import LinkDead, Multiplexer, close_code
 from .registry import AgentRegistry, Tunnel, TunnelRouter
 from .relay_http import ClientConnection, HttpLimits
+from .startup import listening
 
 log = logging.getLogger("rtunnel.relay")
 
@@ -201,20 +202,22 @@ class Relay:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         async with trio.open_nursery() as nursery:
-            self.agents_address = await nursery.start(
-                partial(
-                    transport.serve,
-                    self._on_agent,
-                    config.agents_host,
-                    config.agents_port,
-                    authenticate=self._authenticate,
-                    authorize=self._authorize,
-                    ssl_context=config.ssl_context,
-                    auth_throttle=self._auth_throttle,
+            with listening("--agents", config.agents_host, config.agents_port):
+                self.agents_address = await nursery.start(
+                    partial(
+                        transport.serve,
+                        self._on_agent,
+                        config.agents_host,
+                        config.agents_port,
+                        authenticate=self._authenticate,
+                        authorize=self._authorize,
+                        ssl_context=config.ssl_context,
+                        auth_throttle=self._auth_throttle,
+                    )
                 )
-            )
             # Client handlers run in the outer nursery, so drain() can close the listener alone.
-            listeners = await nursery.start(self._serve_http, nursery)
+            with listening("--http", config.http_host, config.http_port):
+                listeners = await nursery.start(self._serve_http, nursery)
             sockname = listeners[0].socket.getsockname()
             self.http_address = (sockname[0], sockname[1])
             scheme = "wss" if config.ssl_context else "ws"

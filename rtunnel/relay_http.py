@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import h11
 import trio
@@ -30,6 +31,7 @@ from .registry import AgentRegistry, NoAgentAvailable, NoRoute, Route, TunnelRou
 from .retry import MAX_ATTEMPTS, MAX_POSSIBLY_PROCESSED, on_reset
 from .retry import Outcome as _Outcome
 from .retry import Replay as _Replay
+from .wslink import SUBPROTOCOL
 
 log = logging.getLogger("rtunnel.relay")
 access_log = logging.getLogger("rtunnel.relay.access")
@@ -46,6 +48,8 @@ FEED_SIZE = 4096
 MAX_CHUNK_LINE = 8192
 # A request body's pump gives way to other tasks after this many chunks parsed from data already read.
 YIELD_EVERY = 16
+# The answer to an agent's WebSocket upgrade on the clients' listener (421 Misdirected Request).
+MISDIRECTED_AGENT = 421
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,8 +264,8 @@ class ClientConnection:
         problem = self._check_request(request)
         if problem is not None:
             status, reason = problem
-            await self._send_error(status, reason, close=True)
-            self._log(request, status, 0, 0, started)
+            sent = await self._send_error(status, reason, close=True)
+            self._log(request, status, 0, sent, started)
             return False
         has_body = self._has_body(request)
         if not has_body:
@@ -272,8 +276,8 @@ class ClientConnection:
         self._chunked = any(name == b"transfer-encoding" for name, _ in request.headers)
         route = self._route(request)
         if isinstance(route, NoRoute):
-            await self._send_error(route.status, route.reason, close=route.status != 404)
-            self._log(request, route.status, 0, 0, started)
+            sent = await self._send_error(route.status, route.reason, close=route.status != 404)
+            self._log(request, route.status, 0, sent, started)
             return route.status == 404 and self._h11.their_state is h11.DONE
         # A protocol switch (SPEC 5.5) is tunnelled for a bodiless HTTP/1.1 request only; otherwise its
         # Upgrade header is dropped like any hop-by-hop header and the request is ordinary HTTP.
@@ -288,8 +292,8 @@ class ClientConnection:
         refusal = self._admit()
         if refusal is not None:
             status, reason = refusal
-            await self._send_error(status, reason, retry_after=True)
-            self._log(request, status, 0, 0, started)
+            sent = await self._send_error(status, reason, retry_after=True)
+            self._log(request, status, 0, sent, started)
             return self._h11.their_state is h11.DONE
         replay = _Replay()
         attempt = possibly_processed = 0
@@ -305,8 +309,8 @@ class ClientConnection:
                     stream = self._capture.tap(stream, mux.name)
             except NoAgentAvailable as exc:
                 what = "no agent available" if route.tunnel is None else f"tunnel {route.tunnel!r}"
-                await self._send_error(503, f"{what}: {exc}", retry_after=True)
-                self._log(request, 503, 0, 0, started)
+                sent = await self._send_error(503, f"{what}: {exc}", retry_after=True)
+                self._log(request, 503, 0, sent, started)
                 return self._h11.their_state is h11.DONE
             except HeadNotEncodable as exc:  # over the MAX_HEAD_SIZE of the agent picked
                 return await self._refuse_head(request, exc, started)
@@ -328,7 +332,7 @@ class ClientConnection:
                     status, reason = outcome.body_status, outcome.body_error
                 else:
                     status, reason = outcome.pending_error or (502, "the agent sent no response")
-                await self._send_error(status, reason, close=True)
+                outcome.bytes_out = await self._send_error(status, reason, close=True)
                 outcome.status = status
             self._log(request, outcome.status, outcome.bytes_in, outcome.bytes_out, started)
             if outcome.abort:
@@ -338,8 +342,8 @@ class ClientConnection:
     async def _refuse_head(self, request: h11.Request, exc: HeadNotEncodable, started: float) -> bool:
         """A head the tunnel's wire format cannot carry (SPEC 5): the status that fits, and close."""
         status, reason = _UNENCODABLE.get(exc.part, (400, "request head cannot be forwarded"))
-        await self._send_error(status, f"{reason} ({exc})", close=True)
-        self._log(request, status, 0, 0, started)
+        sent = await self._send_error(status, f"{reason} ({exc})", close=True)
+        self._log(request, status, 0, sent, started)
         return False
 
     async def _run_exchange(
@@ -603,6 +607,9 @@ class ClientConnection:
             return 400, "both Transfer-Encoding and Content-Length"
         if request.method == b"CONNECT":
             return 405, "CONNECT is not supported"
+        if _offers_rtunnel(request.headers):
+            # An agent dialled the clients' port: refuse it here, before its token travels on to an upstream.
+            return MISDIRECTED_AGENT, "this is the relay's HTTP listener (--http); agents connect to --agents"
         if self._limits.max_body_size is not None:
             for name, value in request.headers:
                 if name == b"content-length" and int(value) > self._limits.max_body_size:
@@ -660,9 +667,10 @@ class ClientConnection:
 
     async def _send_error(
         self, status: int, reason: str, *, close: bool = False, retry_after: bool = False
-    ) -> None:
+    ) -> int:
+        """Send the relay's own response; return its body size as sent (0 if it could not be)."""
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
+            return 0
         self._error_note = reason
         body = (reason + "\n").encode()
         headers: list[tuple[bytes, bytes]] = [
@@ -671,15 +679,18 @@ class ClientConnection:
         ]
         if retry_after:
             headers.append((b"Retry-After", b"5"))
+        if status == MISDIRECTED_AGENT:
+            headers.append((b"Rtunnel-Listener", b"http"))  # SPEC.md section 2: the dialer names the mistake
         headers = with_request_id(headers, self._request_id)
         if close or self._h11.their_state not in (h11.DONE, h11.IDLE):
             headers.append((b"Connection", b"close"))
         try:
-            await self._send(h11.Response(status_code=status, headers=headers))
+            await self._send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
             await self._send(h11.Data(data=body))
             await self._send(h11.EndOfMessage())
         except (_ClientGone, h11.LocalProtocolError):
-            pass
+            return 0
+        return len(body)
 
     def _start_next_cycle(self) -> bool:
         conn = self._h11
@@ -721,3 +732,20 @@ class ClientConnection:
         if self._capture is not None:
             self._capture.finish(access)
             self._capture = None
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _offers_rtunnel(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    offered = (
+        token.strip()
+        for name, value in headers
+        if name == b"sec-websocket-protocol"
+        for token in value.split(b",")
+    )
+    return SUBPROTOCOL.encode() in offered

@@ -23,7 +23,7 @@ import math
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import trio
 from websockets.client import ClientProtocol
@@ -62,10 +62,12 @@ __all__ = [
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_UNSUPPORTED_DATA",
+    "LISTENER_HEADER",
     "MAX_MESSAGE_SIZE",
     "SUBPROTOCOL",
     "AuthRejected",
     "ConnectError",
+    "NotARelay",
     "Refusal",
     "TextMessage",
     "Transport",
@@ -76,6 +78,10 @@ __all__ = [
     "serve",
 ]
 
+# On every refusal of an upgrade by serve() (SPEC.md section 2): a dialer that gets a response without it
+# reached something other than an rtunnel relay's agents listener.
+LISTENER_HEADER: Final = "Rtunnel-Listener"
+
 
 class ConnectError(Exception):
     """The WebSocket could not be established; str() is a one-line human reason."""
@@ -83,6 +89,10 @@ class ConnectError(Exception):
 
 class AuthRejected(ConnectError):
     """The relay answered 401/403: retrying at full speed will not help."""
+
+
+class NotARelay(ConnectError):
+    """The server answered the upgrade but is no rtunnel acceptor (no Rtunnel-Listener header)."""
 
 
 class VersionMismatch(ConnectError):
@@ -293,6 +303,18 @@ def _rejection(response: Response, target: str, token: str | None) -> ConnectErr
     detail = f"{status} {phrase}"
     if body and body[0].strip():
         detail += ": " + "".join(c if c.isprintable() else "?" for c in body[0].strip()[:200])
+    if response.headers.get(LISTENER_HEADER) == "http":
+        return NotARelay(
+            f"{target} is a relay's HTTP listener (--http, where clients connect), not its agents listener: "
+            "dial the address of `rtunnel serve --agents` instead"
+        )
+    # Without the header (SPEC.md section 2): not a relay, unless it is a refusal a relay that predates the
+    # header would give (401/403: the token; 426: another version).
+    if status not in (401, 403, 426) and response.headers.get(LISTENER_HEADER) != "agents":
+        return NotARelay(
+            f"{target} is not an rtunnel relay's agents listener (it answered {detail}); is it the relay's "
+            "--http port? Agents dial the address of `rtunnel serve --agents`"
+        )
     if status in (401, 403):
         hint = "no token was given" if token is None else "check the token"
         return AuthRejected(f"relay {target} refused the connection ({detail}); {hint}")
@@ -425,6 +447,8 @@ class _Acceptor:
                 else:
                     refusal, principal = self._check(request, proto, _peer_address(stream), remote)
                     response = refusal or response
+                if response.status_code != 101:
+                    response.headers[LISTENER_HEADER] = "agents"  # "a relay refused", not "not a relay"
                 proto.send_response(response)
                 await stream.send_all(b"".join(proto.data_to_send()))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
