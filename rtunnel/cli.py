@@ -77,6 +77,19 @@ class Listening:
         return f"http://{self.http[0]}:{self.http[1]}"
 
 
+def _trusted_proxies(cidrs: Sequence[str]) -> tuple[str, ...]:
+    import ipaddress
+
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"--trusted-proxy: {cidr!r} is not an address or network (e.g. 10.0.0.0/8)"
+            ) from None
+    return tuple(cidrs)
+
+
 def _admin_server(
     args: argparse.Namespace,
     metrics: Metrics,
@@ -216,6 +229,9 @@ def _serve_runner(args: argparse.Namespace) -> Runner:
         auth_fail_limit=args.auth_fail_limit,
         auth_fail_window=args.auth_fail_window,
         tunnels=_tunnels(args, groups),
+        proxy_protocol=args.proxy_protocol,
+        agents_proxy_protocol=args.agents_proxy_protocol,
+        trusted_proxies=_trusted_proxies(args.trusted_proxy),
     )
     relay = Relay(config)
     token_file = args.token_file
@@ -334,6 +350,8 @@ async def _reload_tokens_on_sighup(relay: Relay, token_file: str | None) -> None
                 log.error("SIGHUP: keeping the current tokens: %s", exc)
                 continue
             relay.reload_tokens(tuple(groups))
+            if relay.inspector is not None:  # a new token is as secret as the old ones
+                relay.inspector.redactor.add_secrets(group.token for group in groups)
 
 
 def _dial_runner(args: argparse.Namespace) -> Runner:
@@ -396,6 +414,7 @@ def _dial_runner(args: argparse.Namespace) -> Runner:
         connect = functools.partial(transport.connect, extra_headers=((TUNNEL_HEADER, args.tunnel),))
     agent = Agent(config, handler, connect=connect)
     handler.on_exchange = agent.metrics.record_exchange
+    agent.metrics.pooled_connections = lambda: handler.pool.idle_count
     target = args.upstream if service is None else f"the app {args.app}"
     info = {"allowlist": [rule.text for rule in allowlist.rules], "upstream": target}
     admin, handler.inspector = _admin_server(

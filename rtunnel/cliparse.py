@@ -226,6 +226,7 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
         "(its own token: $RTUNNEL_TUNNEL_<NAME>_TOKEN)",
     )
     _liveness_options(serve)
+    _balancer_options(serve)
     _limit_options(serve)
     _config_and_admin_options(serve)
 
@@ -445,6 +446,30 @@ def _count_positive(text: str) -> int:
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def _balancer_options(parser: argparse.ArgumentParser) -> None:
+    """Behind a load balancer or proxy (README, "Several agents, several relays"): who the client is."""
+    group = parser.add_argument_group("behind a load balancer")
+    group.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="HTTP connections start with a PROXY protocol v1/v2 header (HAProxy send-proxy, nginx "
+        "proxy_protocol); connections without one are closed (default off)",
+    )
+    group.add_argument(
+        "--agents-proxy-protocol",
+        action="store_true",
+        help="the same for the agents' listener, the header before TLS (default off)",
+    )
+    group.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="believe X-Forwarded-For from these proxies (repeatable; default none): the client is its "
+        "rightmost address outside them",
+    )
 
 
 def _token_options(parser: argparse.ArgumentParser) -> None:

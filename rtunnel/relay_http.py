@@ -20,6 +20,7 @@ import trio
 
 from protocol import ErrorCode, HeadNotEncodable, HeadPart, RequestHead, request_head_size
 
+from .clientaddr import TrustedProxies
 from .httpstrict import MAX_CHUNK_SIZE, HeadChecker, chunk_left
 from .inspector import Capture, Inspector
 from .limits import Counter
@@ -65,8 +66,14 @@ class HttpLimits:
     body_timeout: float = 60.0  # a request body that stops arriving mid-way (408): slowloris on the body
     max_body_size: int | None = None  # None: unlimited (streamed, so no memory cost) (413)
     max_connections: int | None = 1024  # client connections on the HTTP listener, in total (503)
-    max_connections_per_ip: int | None = 128  # ... from one client address (503)
-    max_exchanges_per_ip: int | None = 64  # exchanges in progress from one client address (429)
+    # Per client address (the PROXY header's or X-Forwarded-For's behind a balancer). A quarter of the total:
+    # one address can never shut the others out, while an office behind one NAT address gets ~40 browsers'
+    # worth of connections at once (README, "Security model", has the reasoning).
+    max_connections_per_ip: int | None = 256  # ... from one client address (503)
+    # As many as connections: long-lived exchanges (SSE, WebSockets, long polls) of many users behind one
+    # NAT are normal; behind a trusted proxy, whose connections are not limited per address, this is the
+    # per-client bound.
+    max_exchanges_per_ip: int | None = 256  # exchanges in progress from one client address (429)
     # Stream data buffered in the relay (received from agents and not yet written to clients, plus request
     # bodies queued toward agents), across all agents; above it new exchanges get 503 until it drains.
     max_buffered_bytes: int | None = 256 * 1024 * 1024
@@ -101,6 +108,7 @@ class ClientConnection:
         limits: HttpLimits,
         *,
         client_ip: str,
+        trusted_proxies: TrustedProxies | None = None,
         scheme: str = "http",
         exchanges: Counter | None = None,
         on_exchange: Callable[[Access], None] | None = None,
@@ -114,7 +122,10 @@ class ClientConnection:
             registry = router
         self._router = registry
         self._limits = limits
-        self._client_ip = client_ip
+        self._client_ip = client_ip  # the connection's client: its peer, or the one a PROXY header names
+        # The connection comes from a trusted proxy: each request's client is read from its X-Forwarded-For.
+        self._trusted = trusted_proxies
+        self._client = client_ip  # the current request's client (limits, access log)
         self._scheme = scheme
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_size)
         # Exchanges in progress per client address, shared by all connections of one relay.
@@ -122,7 +133,7 @@ class ClientConnection:
         self._unfed = memoryview(b"")  # read from the client, not yet given to h11 (see FEED_SIZE)
         self._chunked = False  # the current request's body is chunked
         self._head_checker = HeadChecker()  # strict checks on the raw head being received (httpstrict)
-        self._holds_slot = False  # this connection's exchange counts in self._exchanges
+        self._holds_slot: str | None = None  # the key under which this exchange counts in self._exchanges
         self.busy = False  # an exchange is in progress (the relay's drain waits for those)
         self.draining = False  # set by the relay's drain: close once the current exchange is done
         self.inspector: Inspector | None = None  # --inspect: record each exchange (the one hook, _exchange)
@@ -256,10 +267,13 @@ class ClientConnection:
     async def _exchange(self, request: h11.Request) -> bool:
         started = trio.current_time()
         self._request_id = pick_request_id(request.headers.raw_items())
+        if self._trusted is not None:
+            forwarded = [value for name, value in request.headers if name == b"x-forwarded-for"]
+            self._client = self._trusted.client_of(forwarded, self._client_ip)
         if self.inspector is not None:
             self._capture = self.inspector.begin(
                 "relay", request.method, request.target, request.headers.raw_items(),
-                request_id=self._request_id, client=self._client_ip,
+                request_id=self._request_id, client=self._client,
             )  # fmt: skip
         problem = self._check_request(request)
         if problem is not None:
@@ -576,10 +590,10 @@ class ClientConnection:
 
     def _admit(self) -> tuple[int, str] | None:
         """The limits shared with other clients: the offender alone gets 429/503 (Retry-After), others go on."""
-        refused = self._exchanges.acquire(self._client_ip)
+        refused = self._exchanges.acquire(self._client)
         if refused is not None:
             return 429, "too many concurrent requests from your address"
-        self._holds_slot = True
+        self._holds_slot = self._client
         budget = self._limits.max_buffered_bytes
         if budget is not None:
             buffered = sum(mux.buffered_bytes for mux in self._router.agents)
@@ -589,9 +603,9 @@ class ClientConnection:
         return None
 
     def _release_exchange_slot(self) -> None:
-        if self._holds_slot:
-            self._holds_slot = False
-            self._exchanges.release(self._client_ip)
+        if self._holds_slot is not None:
+            self._exchanges.release(self._holds_slot)
+            self._holds_slot = None
 
     def _check_request(self, request: h11.Request) -> tuple[int, str] | None:
         if request.http_version not in (b"1.0", b"1.1"):
@@ -717,7 +731,7 @@ class ClientConnection:
         self._error_note = None
         access_log.info(
             "%s %s %s %d in=%d out=%d %.1fms id=%s",
-            self._client_ip,
+            self._client,
             access.method,
             path,
             status,
@@ -725,7 +739,7 @@ class ClientConnection:
             bytes_out,
             access.duration_ms,
             access.request_id,
-            extra=access.extra(client=self._client_ip),
+            extra=access.extra(client=self._client),
         )
         if self._on_exchange is not None:
             self._on_exchange(access)
