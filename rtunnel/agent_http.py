@@ -31,7 +31,7 @@ import trio
 from protocol import ErrorCode, LocalProtocolError, RequestHead, ResponseHead
 
 from .allowlist import Allowlist
-from .logs import Access, request_id_of
+from .logs import Access, AccessLog, request_id_of
 from .mux import MuxStream, StreamReset
 from .passthrough import pump, upgrade_offer, with_upgrade
 from .proxyheaders import Header, response_headers_for_client, strip_hop_by_hop
@@ -48,7 +48,7 @@ from .upstream import (
 __all__ = ["ExchangeHandler"]
 
 log = logging.getLogger("rtunnel.agent")
-access_log = logging.getLogger("rtunnel.agent.access")
+access_log = AccessLog("rtunnel.agent.access")
 
 # Methods whose request may be sent twice (RFC 9110 9.2.2): only these are retried on a fresh connection
 # when a kept-alive one turns out to have been closed by the upstream.
@@ -590,18 +590,13 @@ class ExchangeHandler:
             duration_ms=round((trio.current_time() - started) * 1000, 3),
             request_id=request_id_of(exchange.head.headers),  # set by the relay; sanitized: not trusted
         )
-        access_log.info(
-            "%s %s %s in=%d out=%d %dms id=%s%s",
-            access.method,
-            access.path,
-            access.status if access.status is not None else "-",
-            access.bytes_in,
-            access.bytes_out,
-            round(access.duration_ms),
-            access.request_id or "-",
-            f" ({note})" if note else "",
-            extra=access.extra(note=note or None),
-        )
+        if access_log.enabled:
+            access_log.write(
+                f"{access.method} {access.path} {access.status if access.status is not None else '-'} "
+                f"in={access.bytes_in:d} out={access.bytes_out:d} {round(access.duration_ms):d}ms "
+                f"id={access.request_id or '-'}{f' ({note})' if note else ''}",
+                access.extra(note=note or None),
+            )
         if self.on_exchange is not None:
             self.on_exchange(access)
 

@@ -32,7 +32,7 @@ from .config import (
 )
 from .configfile import TUNNEL_NAME, TunnelSpec, describe_error, tunnel_token_env
 from .configfile import parse_args as parse_args_with_config
-from .logs import LOG_FORMATS
+from .logs import LOG_FORMATS, flush_periodically
 from .logs import setup as setup_logging
 
 if TYPE_CHECKING:
@@ -265,6 +265,12 @@ def _config_and_admin_options(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="FILE", help="TOML file setting any of these options (flags given here win)"
     )
     parser.add_argument(
+        "--access-log",
+        default="on",
+        choices=["on", "off"],
+        help="one line per exchange at level info (default on)",
+    )
+    parser.add_argument(
         "--admin",
         metavar="[HOST:]PORT",
         help="serve /healthz /readyz /metrics /status.json here (host default 127.0.0.1; off by default)",
@@ -307,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = getattr(exc, "command", None)
         print(f"rtunnel{' ' + command if command else ''}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format, access=getattr(args, "access_log", "on") == "on")
     if args.command == "status":
         return run_status(args.admin)
     try:
@@ -548,6 +554,7 @@ async def _until_signal(runner: Callable[[], Awaitable[None]]) -> int:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(run_then_stop)
+                nursery.start_soon(flush_periodically)
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)
                     drain = getattr(runner, "drain", None)

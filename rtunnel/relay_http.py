@@ -20,7 +20,7 @@ from protocol import ErrorCode, RequestHead
 
 from .httpstrict import HeadChecker
 from .limits import Counter
-from .logs import Access, pick_request_id, with_request_id
+from .logs import Access, AccessLog, pick_request_id, with_request_id
 from .mux import Multiplexer, MuxStream, StreamReset
 from .passthrough import pump, upgrade_offer, with_upgrade
 from .proxyheaders import add_forwarding, strip_hop_by_hop
@@ -30,7 +30,7 @@ from .retry import Outcome as _Outcome
 from .retry import Replay as _Replay
 
 log = logging.getLogger("rtunnel.relay")
-access_log = logging.getLogger("rtunnel.relay.access")
+access_log = AccessLog("rtunnel.relay.access")
 
 READ_SIZE = 65536
 
@@ -599,17 +599,11 @@ class ClientConnection:
             duration_ms=round((trio.current_time() - started) * 1000, 3),
             request_id=self._request_id,
         )
-        access_log.info(
-            "%s %s %s %d in=%d out=%d %.1fms id=%s",
-            self._client_ip,
-            access.method,
-            path,
-            status,
-            bytes_in,
-            bytes_out,
-            access.duration_ms,
-            access.request_id,
-            extra=access.extra(client=self._client_ip),
-        )
+        if access_log.enabled:
+            access_log.write(
+                f"{self._client_ip} {access.method} {path} {status:d} in={bytes_in:d} out={bytes_out:d} "
+                f"{access.duration_ms:.1f}ms id={access.request_id}",
+                access.extra(client=self._client_ip),
+            )
         if self._on_exchange is not None:
             self._on_exchange(access)
