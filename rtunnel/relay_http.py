@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import h11
 import trio
@@ -33,6 +34,13 @@ log = logging.getLogger("rtunnel.relay")
 access_log = AccessLog("rtunnel.relay.access")
 
 READ_SIZE = 65536
+# A bodiless exchange runs in the connection's own task, without a second one watching the client: a nursery,
+# a task and its cancellation cost about as much as the rest of a small exchange. One still running after this
+# long (a long poll, a slow upstream, a streamed response) starts the watcher then, so a client that leaves is
+# noticed at most this much later than with a watcher from the start.
+WATCH_AFTER = 0.25
+
+_T = TypeVar("_T")
 
 
 # The client's bytes are handed to h11 in slices of at most this size while a head or a chunk-size line is
@@ -106,8 +114,19 @@ class ClientConnection:
         self._holds_slot = False  # this connection's exchange counts in self._exchanges
         self.busy = False  # an exchange is in progress (the relay's drain waits for those)
         self.draining = False  # set by the relay's drain: close once the current exchange is done
+        self._nursery: trio.Nursery | None = None  # the connection's, for a late client watcher
+        self._watch_at: float | None = None  # a bodiless exchange's time to start watching the client
+        self._watcher: tuple[trio.CancelScope, trio.Event] | None = None  # (its scope, set once it ended)
 
     async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self._serve()
+            finally:
+                self._nursery = None
+
+    async def _serve(self) -> None:
         try:
             while True:
                 request = await self._next_request()
@@ -290,22 +309,55 @@ class ClientConnection:
     ) -> _Outcome:
         outcome = _Outcome()
         wants_continue = self._h11.they_are_waiting_for_100_continue
+        if not has_body and not upgrade:
+            self._watch_at = trio.current_time() + WATCH_AFTER
+            try:
+                await self._relay_response_or_fail(
+                    request, stream, outcome, wants_continue, False, replay, mux, False
+                )
+            finally:
+                self._watch_at = None
+                watcher, self._watcher = self._watcher, None
+                if watcher is not None:
+                    watcher[0].cancel()
+            if watcher is not None:
+                await watcher[1].wait()  # it no longer reads from the client: the next request is ours
+            return await self._after_response(stream, outcome)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._request_side, stream, outcome, has_body, replay)
-            try:
-                await self._relay_response(request, stream, outcome, wants_continue, upgrade)
-            except StreamReset as exc:
-                on_reset(request.method, exc, outcome, has_body and replay.overflow, mux.is_closed)
-            except h11.LocalProtocolError as exc:
-                # The agent's head or trailers are not valid HTTP/1.1 (e.g. CR LF in a header value).
-                stream.reset(ErrorCode.PROTOCOL_ERROR)
-                bad = StreamReset(ErrorCode.PROTOCOL_ERROR, remote=False, retryable=False, reason=str(exc))
-                on_reset(request.method, bad, outcome, has_body and replay.overflow, False)
-            except _ClientGone:
-                stream.reset(ErrorCode.CANCEL)
-                outcome.abort = True
-                outcome.status = 499
+            await self._relay_response_or_fail(
+                request, stream, outcome, wants_continue, has_body, replay, mux, upgrade
+            )
             nursery.cancel_scope.cancel()
+        return await self._after_response(stream, outcome)
+
+    async def _relay_response_or_fail(
+        self,
+        request: h11.Request,
+        stream: MuxStream,
+        outcome: _Outcome,
+        wants_continue: bool,
+        has_body: bool,
+        replay: _Replay,
+        mux: Multiplexer,
+        upgrade: bool,
+    ) -> None:
+        """_relay_response, with the ways it fails recorded on `outcome`."""
+        try:
+            await self._relay_response(request, stream, outcome, wants_continue, upgrade)
+        except StreamReset as exc:
+            on_reset(request.method, exc, outcome, has_body and replay.overflow, mux.is_closed)
+        except h11.LocalProtocolError as exc:
+            # The agent's head or trailers are not valid HTTP/1.1 (e.g. CR LF in a header value).
+            stream.reset(ErrorCode.PROTOCOL_ERROR)
+            bad = StreamReset(ErrorCode.PROTOCOL_ERROR, remote=False, retryable=False, reason=str(exc))
+            on_reset(request.method, bad, outcome, has_body and replay.overflow, False)
+        except _ClientGone:
+            stream.reset(ErrorCode.CANCEL)
+            outcome.abort = True
+            outcome.status = 499
+
+    async def _after_response(self, stream: MuxStream, outcome: _Outcome) -> _Outcome:
         if outcome.client_gone:
             stream.reset(ErrorCode.CANCEL)
             outcome.abort = True
@@ -314,6 +366,34 @@ class ClientConnection:
         elif outcome.switched and not outcome.abort:
             await self._switched(stream, outcome)
         return outcome
+
+    async def _from_agent(
+        self, receive: Callable[[], Awaitable[_T]], stream: MuxStream, outcome: _Outcome
+    ) -> _T:
+        """Wait for the agent (`receive`); in a bodiless exchange that takes longer than WATCH_AFTER, start
+        watching the client first (see WATCH_AFTER)."""
+        watch_at = self._watch_at
+        if watch_at is None:
+            return await receive()
+        with trio.move_on_at(watch_at):
+            return await receive()  # both receives are cancel-safe: nothing is lost when the deadline fires
+        self._watch_at = None
+        self._start_watcher(stream, outcome)
+        return await receive()
+
+    def _start_watcher(self, stream: MuxStream, outcome: _Outcome) -> None:
+        assert self._nursery is not None and self._watcher is None
+        scope, ended = trio.CancelScope(), trio.Event()
+
+        async def watch() -> None:
+            try:
+                with scope:
+                    await self._request_side(stream, outcome, False, _Replay())
+            finally:
+                ended.set()
+
+        self._watcher = scope, ended
+        self._nursery.start_soon(watch)
 
     async def _switched(self, stream: MuxStream, outcome: _Outcome) -> None:
         """After a 101: raw bytes both ways until both sides closed (SPEC 5.5); the connection then ends.
@@ -410,7 +490,7 @@ class ClientConnection:
         self, request: h11.Request, stream: MuxStream, outcome: _Outcome, wants_continue: bool, upgrade: bool
     ) -> None:
         while True:
-            head = await stream.receive_reply()
+            head = await self._from_agent(stream.receive_reply, stream, outcome)
             if not head.is_interim:
                 break
             if head.status == 100 and not wants_continue:
@@ -455,7 +535,7 @@ class ClientConnection:
             if chunk is None:
                 await self._send_bytes(pending)
                 pending, held = [], 0
-                chunk = await stream.receive_data(READ_SIZE)
+                chunk = await self._from_agent(self._reader(stream), stream, outcome)
             if not chunk:
                 break
             outcome.bytes_out += len(chunk)
@@ -467,6 +547,10 @@ class ClientConnection:
         outcome.keep_alive = True
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _reader(stream: MuxStream) -> Callable[[], Awaitable[bytes]]:
+        return lambda: stream.receive_data(READ_SIZE)
 
     def _admit(self) -> tuple[int, str] | None:
         """The limits shared with other clients: the offender alone gets 429/503 (Retry-After), others go on."""
