@@ -58,6 +58,19 @@ class _Receiving(_ConnectionCore):
             raise
         return events
 
+    def receive_transport_ping(self, now: float = 0.0) -> None:
+        """Charge a ping the transport beneath answered by itself (a WebSocket ping) to the PING budget.
+
+        Such pings cost the same pong as ours, so they share the bucket (SPEC 11). Raises RemoteProtocolError
+        with ENHANCE_YOUR_CALM (after queueing the GOAWAY) once the budget is spent.
+        """
+        if self.state is ConnectionState.CLOSED:
+            raise RemoteProtocolError("connection already failed", ErrorCode.PROTOCOL_ERROR)
+        if not self._ping_bucket.take(now):
+            exc = RemoteProtocolError("transport-level PING flood", ErrorCode.ENHANCE_YOUR_CALM)
+            self._fail(exc)
+            raise exc
+
     def _parse(self, buf: bytes, events: list[Event], now: float) -> None:
         view = memoryview(buf)
         end = len(buf)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable
 from typing import Final
 
@@ -59,11 +60,15 @@ _BODY_METHODS: Final = frozenset([b"POST", b"PUT", b"PATCH"])
 # Request body bytes kept so that a retry can resend them; a longer body makes the request not retryable.
 REPLAY_LIMIT: Final = 65536
 _MAX_REASON: Final = 255
-# Host is uri-host [":" port] (RFC 9110 7.2). A path, query, userinfo or whitespace in it would let an upstream
-# that builds its URL as "http://" + Host + target act on another path than the allowlist checked.
 # The relay holds at most 64 unread interim heads per stream (mux.MAX_PENDING_REPLIES); stay below it.
 MAX_INTERIM_RESPONSES: Final = 32
-_HOST_FORBIDDEN: Final = frozenset(b"/?#@\\ \t\x7f") | frozenset(range(0x20))
+# Host as a plain host[:port]: a DNS name or IPv4 address, or an IPv6 literal in brackets, and up to five port
+# digits. RFC 9110 7.2 allows more (percent-encodings, sub-delims, IPvFuture), but an upstream that builds its URL
+# as "http://" + Host + target could then act on another authority or path than the allowlist checked
+# ("127.0.0.1%2fadmin", "evil.example:80:90").
+_PLAIN_HOST: Final = re.compile(
+    rb"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
 # Headers some frameworks honour to replace the method or the path after routing (Symfony, Express's
 # method-override, IIS URL rewrite): through a restricted agent they would run what the allowlist never checked.
 _OVERRIDE_HEADERS: Final = frozenset(
@@ -239,13 +244,16 @@ class _Exchange:
                 return "invalid Content-Length"
             content_length = int(item)
         if not self.handler.allowlist.unrestricted:
-            override = next((name for name, _ in headers if name.lower() in _OVERRIDE_HEADERS), None)
+            # Compared as CGI/WSGI-style servers read names: "_" and "-" alike, any case.
+            override = next(
+                (name for name, _ in headers if name.lower().replace(b"_", b"-") in _OVERRIDE_HEADERS), None
+            )
             if override is not None:
                 return f"{override.decode('latin-1')} is not accepted: it would bypass the allowlist"
         hosts = [value for name, value in headers if name.lower() == b"host"]
         if len(hosts) > 1:
             return "more than one Host header"
-        if hosts and any(byte in _HOST_FORBIDDEN for byte in hosts[0]):
+        if hosts and _PLAIN_HOST.fullmatch(hosts[0]) is None:
             return "invalid Host header"
         if not hosts:
             # HTTP/1.1 requires Host; an HTTP/1.0 client may have sent none.

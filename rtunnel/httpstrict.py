@@ -37,6 +37,7 @@ _UNDERSCORE_SPOOFS: Final = frozenset(
         b"x-forwarded-for",
         b"x-forwarded-host",
         b"x-forwarded-proto",
+        b"x-forwarded-prefix",
         b"x-real-ip",
     ]
 )

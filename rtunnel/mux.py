@@ -20,7 +20,7 @@ import logging
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -70,6 +70,13 @@ class TransportLike(Protocol):
     async def send(self, message: bytes) -> None: ...
 
     async def receive(self) -> bytes: ...
+
+
+@runtime_checkable
+class PingingTransport(Protocol):
+    """A transport that answers pings of its own (WebSocket) and reports each to `on_ping`."""
+
+    on_ping: Callable[[], None] | None
 
 
 class StreamReset(Exception):
@@ -325,6 +332,9 @@ class Multiplexer:
         self._nursery: trio.Nursery | None = None
         self._cancel_scope: trio.CancelScope | None = None
         self._failure: BaseException | None = None
+        if isinstance(transport, PingingTransport):
+            # Its pings cost a pong like ours: a peer must not get unlimited ones by pinging one layer down.
+            transport.on_ping = self._transport_pinged
 
     # -- public ------------------------------------------------------------------------------------
 
@@ -434,14 +444,18 @@ class Multiplexer:
 
     # -- tasks -------------------------------------------------------------------------------------
 
+    def _transport_pinged(self) -> None:
+        if not self._closed:
+            self._conn.receive_transport_ping(trio.current_time())  # RemoteProtocolError ends receive()
+
     async def _reader(self) -> None:
         conn = self._conn
         streams = self._streams
         while True:
-            message = await self._transport.receive()
-            now = trio.current_time()
-            self._last_received = now
             try:
+                message = await self._transport.receive()
+                now = trio.current_time()
+                self._last_received = now
                 events = conn.receive_data(message, now)
             except RemoteProtocolError as exc:
                 self.close_reason = f"peer broke the protocol: {exc}"

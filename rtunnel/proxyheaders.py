@@ -10,12 +10,17 @@ Forwarding headers (the relay faces untrusted clients):
 * ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` are *replaced*: they describe the connection this relay
   accepted, which only the relay knows; a client could otherwise claim ``https`` on a plain connection or
   pick a host name that the upstream builds redirects or cookies from.
-* ``Host`` is never changed. ``Forwarded`` (RFC 7239) and ``X-Real-IP`` are left as the client sent them;
-  upstreams behind rtunnel should trust only the ``X-Forwarded-*`` headers.
+* ``Forwarded`` (RFC 7239) is *regenerated*: the client's are dropped and one element with what this relay
+  knows (``for``, ``host``, ``proto``) takes their place. A client's elements cannot be told from a proxy's,
+  and upstreams that read this header mostly trust its first element, not its last.
+* ``X-Real-IP`` and ``X-Forwarded-Prefix`` from the client are *dropped*: the first has no chain to append to,
+  the second only the relay can set (for a tunnel whose prefix it strips, registry.Route).
+* ``Host`` is never changed.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -94,6 +99,40 @@ def _append_to_list_header(headers: list[Header], lname: bytes, item: bytes) -> 
     headers.append((_canonical(lname), item))
 
 
+# Set by this hop alone: whatever the client sent under these names is removed.
+_REPLACED: Final = frozenset(
+    [b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip", b"x-forwarded-prefix"]
+)
+# RFC 9110 5.6.2 tchar: a Forwarded value made of these alone may go unquoted (RFC 7239 4).
+_TCHAR: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _forwarded_value(value: bytes) -> bytes:
+    """A token, or a quoted-string with ``"`` and ``\\`` escaped (RFC 9110 5.6.4)."""
+    if value and all(byte in _TCHAR for byte in value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _forwarded_node(client_ip: bytes) -> bytes:
+    """RFC 7239 6: an IPv4 address, a bracketed IPv6 one, or ``unknown`` (a peer whose address was not read)."""
+    try:
+        address = ipaddress.ip_address(client_ip.decode("ascii"))
+    except ValueError:
+        return b"unknown"
+    text = str(address)
+    return (f"[{text}]" if address.version == 6 else text).encode("ascii")
+
+
+def _forwarded_element(*, client_ip: bytes, proto: bytes, host: bytes | None) -> bytes:
+    """This hop's ``Forwarded`` element (RFC 7239 4); an IPv6 node is bracketed, hence quoted."""
+    pairs = [b"for=" + _forwarded_value(_forwarded_node(client_ip))]
+    if host is not None:
+        pairs.append(b"host=" + _forwarded_value(host))
+    pairs.append(b"proto=" + _forwarded_value(proto))
+    return b";".join(pairs)
+
+
 def _canonical(lname: bytes) -> bytes:
     return b"-".join(part[:1].upper() + part[1:] for part in lname.split(b"-"))
 
@@ -116,20 +155,17 @@ def add_forwarding(
     """Add this hop's forwarding headers to a request (see the module docstring for append vs replace).
 
     ``client_ip`` is the peer address of the client connection, ``proto`` ``"http"`` or ``"https"`` as
-    accepted by the relay, ``host`` the client's Host value (None: no X-Forwarded-Host at all, and any the
-    client sent is still removed).
+    accepted by the relay, ``host`` the client's Host value (None: no X-Forwarded-Host and no ``host`` in
+    Forwarded, and any the client sent is still removed).
     """
     ip = _ascii(client_ip, "client_ip")
     proto_bytes = _ascii(proto, "proto")
-    out = [
-        (name, value)
-        for name, value in headers
-        if _lower(name) not in (b"x-forwarded-proto", b"x-forwarded-host")
-    ]
+    out = [(name, value) for name, value in headers if _lower(name) not in _REPLACED]
     _append_to_list_header(out, b"x-forwarded-for", ip)
     out.append((b"X-Forwarded-Proto", proto_bytes))
     if host is not None:
         out.append((b"X-Forwarded-Host", host))
+    out.append((b"Forwarded", _forwarded_element(client_ip=ip, proto=proto_bytes, host=host)))
     _append_to_list_header(out, b"via", via)
     return out
 

@@ -157,12 +157,9 @@ class Route:
     def forwarded(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """The request headers for this route: X-Forwarded-Prefix names the prefix the relay stripped.
 
-        Only the relay knows that, so with named tunnels a client's own X-Forwarded-Prefix is dropped."""
-        if self.tunnel is None:
-            return headers
-        headers = [(name, value) for name, value in headers if name.lower() != b"x-forwarded-prefix"]
+        A client's own X-Forwarded-Prefix is gone already (proxyheaders.add_forwarding drops it)."""
         if self.stripped_prefix is not None:
-            headers.append((b"X-Forwarded-Prefix", self.stripped_prefix))
+            headers = [*headers, (b"X-Forwarded-Prefix", self.stripped_prefix)]
         return headers
 
 

@@ -10,8 +10,9 @@ imports. I/O design (one link = one socket):
   Close reply) go to a small buffer that the next sender writes in front of its frame, or that one
   writer task per link writes under the same lock. So the reader never waits for the socket: with
   both ends writing and neither reading, waiting there would deadlock the link. Our mux pings at its
-  own protocol level; WebSocket pings only come from third-party peers, and a peer that pings faster
-  than we can write loses the link.
+  own protocol level; WebSocket pings only come from third-party peers. Each one is reported to
+  `on_ping` (the mux charges it to the protocol's PING budget), and a peer that pings faster than we
+  can write loses the link.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import os
 import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 from websockets.client import ClientProtocol
@@ -152,6 +153,9 @@ class Transport:
         self.remote = remote  # "host:port" of the peer, for logs
         # What the server's authenticate() returned for this link (e.g. the token group), None on clients.
         self.principal: object = None
+        # Called for each WebSocket ping as it is read, before its pong is queued; an exception it raises
+        # ends that receive() (the caller is failing the link: nothing else read with the ping counts).
+        self.on_ping: Callable[[], None] | None = None
         self._stream = stream
         self._socket = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         self._proto = proto
@@ -342,9 +346,11 @@ class Transport:
                         self._fragments = None
             elif opcode is Opcode.TEXT:
                 self._text = True
+            elif opcode is Opcode.PING and self.on_ping is not None:
+                self.on_ping()
             elif opcode is Opcode.CLOSE and self._end is None and self._proto.close_rcvd is not None:
                 self._end = _describe_close(self._proto.close_rcvd)
-            # PING: the protocol queued the Pong already (written below); PONG: nothing to do.
+            # PING: the protocol queued the Pong already (written below unless on_ping raised); PONG: nothing.
         proto = self._proto
         if self._end is None and proto.parser_exc is not None and not isinstance(proto.parser_exc, EOFError):
             # Protocol violation or message over max_size: the protocol sent Close (1002/1009).

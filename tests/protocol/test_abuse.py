@@ -229,6 +229,19 @@ def test_ping_flood() -> None:
     fails(me, ping(), CALM)
 
 
+def test_transport_pings_share_the_ping_budget() -> None:
+    me = connected(limits=Limits(ping_burst=3, ping_rate=1.0))
+    me.receive_data(ping() * 2)
+    me.data_to_send()
+    me.receive_transport_ping(now=0.0)  # the third token: the budget is spent, by both kinds together
+    me.receive_transport_ping(now=1.0)  # refilled by the caller's clock
+    with pytest.raises(RemoteProtocolError) as info:
+        me.receive_transport_ping(now=1.0)
+    assert info.value.error_code is CALM
+    assert me.state is ConnectionState.CLOSED
+    assert goaway_of(me.data_to_send())[1] == CALM
+
+
 def test_ping_rate_is_sustainable() -> None:
     me = connected(limits=Limits(ping_burst=3, ping_rate=10.0))
     for i in range(100):

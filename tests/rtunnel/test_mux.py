@@ -13,7 +13,7 @@ from protocol import ErrorCode, RequestHead, ResponseHead, Role, Settings
 from rtunnel.mux import LinkDead, Multiplexer, MuxClosed, MuxStream, StreamReset
 from rtunnel.transport import TransportClosed
 
-from .memtransport import memory_transport_pair
+from .memtransport import MemoryTransport, memory_transport_pair
 
 GET = RequestHead(b"GET", b"/", ((b"Host", b"x"),))
 
@@ -157,6 +157,56 @@ async def test_dead_link_is_detected_by_both_sides(autojump_clock: trio.testing.
     elapsed = trio.current_time() - start
     assert outcomes == {"relay": LinkDead, "agent": LinkDead}
     assert elapsed <= 20 + 5 + 1
+
+
+async def _first_to_die(
+    relay: Multiplexer, agent: Multiplexer, blackhole: MemoryTransport
+) -> tuple[str, BaseException, float]:
+    """Connect both ends, then blackhole the sends of one transport; run until an end fails (at most 600 s of
+    virtual time): which one, why, and how long after the blackhole."""
+    outcomes: list[tuple[str, BaseException]] = []
+
+    async def run(name: str, mux: Multiplexer, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await mux.run(task_status=task_status)
+        except (LinkDead, TransportClosed) as exc:
+            outcomes.append((name, exc))
+            nursery.cancel_scope.cancel()
+
+    with trio.move_on_after(600):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "agent", agent)
+            await nursery.start(run, "relay", relay)
+            await trio.sleep(60)  # idle, pinging, alive
+            assert outcomes == []
+            start = trio.current_time()
+            blackhole.blackholed = True
+    assert outcomes, "neither end noticed anything in 600 s"
+    return *outcomes[0], trio.current_time() - start
+
+
+async def test_a_send_stuck_for_the_dead_timeout_drops_the_link(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The agent keeps pinging (it hears nothing back), so the relay is never silent: only its stuck send tells.
+    t_relay, t_agent = memory_transport_pair()
+    relay = Multiplexer(t_relay, Role.ACCEPTOR, ping_interval=5, dead_timeout=20)
+    agent = Multiplexer(t_agent, Role.DIALER, handler=echo_handler, ping_interval=5, dead_timeout=10_000)
+    name, exc, elapsed = await _first_to_die(relay, agent, t_relay)
+    assert (name, type(exc)) == ("relay", LinkDead)
+    assert "a send has been stuck" in str(exc)
+    assert 20 <= elapsed <= 20 + 5 + 5  # the stuck send began at the agent's next ping
+
+
+async def test_a_silent_peer_is_dropped_at_the_dead_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    # The agent reads but what it sends never arrives: the relay's own sends go through, only silence tells.
+    t_relay, t_agent = memory_transport_pair()
+    relay = Multiplexer(t_relay, Role.ACCEPTOR, ping_interval=5, dead_timeout=20)
+    agent = Multiplexer(t_agent, Role.DIALER, handler=echo_handler, ping_interval=5, dead_timeout=10_000)
+    name, exc, elapsed = await _first_to_die(relay, agent, t_agent)
+    assert (name, type(exc)) == ("relay", LinkDead)
+    assert "no data from the peer" in str(exc)
+    assert elapsed <= 20 + 5  # silent since its last message before the blackhole, checked every 5 s
 
 
 async def test_streams_fail_when_the_link_dies_and_unsent_opens_are_retryable() -> None:

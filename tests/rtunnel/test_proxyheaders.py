@@ -114,6 +114,7 @@ FORWARD_CASES: list[tuple[str, list[Header], bytes | None, list[Header]]] = [
             (b"X-Forwarded-For", b"192.0.2.7"),
             (b"X-Forwarded-Proto", b"https"),
             (b"X-Forwarded-Host", b"example.com"),
+            (b"Forwarded", b"for=192.0.2.7;host=example.com;proto=https"),
             (b"Via", b"1.1 rtunnel"),
         ],
     ),
@@ -136,6 +137,7 @@ FORWARD_CASES: list[tuple[str, list[Header], bytes | None, list[Header]]] = [
             (b"via", b"1.0 fred, 1.1 rtunnel"),
             (b"X-Forwarded-Proto", b"https"),
             (b"X-Forwarded-Host", b"example.com"),
+            (b"Forwarded", b"for=192.0.2.7;host=example.com;proto=https"),
         ],
     ),
     (
@@ -146,6 +148,26 @@ FORWARD_CASES: list[tuple[str, list[Header], bytes | None, list[Header]]] = [
             (b"X-Forwarded-For", b"192.0.2.7"),
             (b"Via", b"1.1 rtunnel"),
             (b"X-Forwarded-Proto", b"https"),
+            (b"Forwarded", b"for=192.0.2.7;proto=https"),
+        ],
+    ),
+    (
+        "Forwarded, X-Real-IP and X-Forwarded-Prefix are the relay's to say",
+        [
+            (b"Forwarded", b"for=10.0.0.1;host=admin"),
+            (b"X-Real-IP", b"10.0.0.1"),
+            (b"x-forwarded-prefix", b"/admin"),
+            (b"FORWARDED", b"for=unknown"),
+            (b"Host", b'a"b\\c:81'),
+        ],
+        b'a"b\\c:81',
+        [
+            (b"Host", b'a"b\\c:81'),
+            (b"X-Forwarded-For", b"192.0.2.7"),
+            (b"X-Forwarded-Proto", b"https"),
+            (b"X-Forwarded-Host", b'a"b\\c:81'),
+            (b"Forwarded", b'for=192.0.2.7;host="a\\"b\\\\c:81";proto=https'),
+            (b"Via", b"1.1 rtunnel"),
         ],
     ),
 ]
@@ -166,8 +188,14 @@ def test_add_forwarding_ipv6_and_custom_via() -> None:
         (b"X-Forwarded-For", b"2001:db8::1"),
         (b"X-Forwarded-Proto", b"http"),
         (b"X-Forwarded-Host", b"h"),
+        (b"Forwarded", b'for="[2001:db8::1]";host=h;proto=http'),
         (b"Via", b"1.1 relay-1"),
     ]
+
+
+def test_forwarded_names_an_unknown_peer_as_unknown() -> None:
+    out = add_forwarding([], client_ip="?", proto="http", host=None)
+    assert (b"Forwarded", b"for=unknown;proto=http") in out
 
 
 @pytest.mark.parametrize(

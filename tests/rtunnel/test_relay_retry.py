@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Awaitable, Callable
 
 import h11
@@ -257,3 +258,42 @@ async def test_a_response_head_that_is_not_valid_http_is_a_502_and_frees_its_str
         assert mux.in_flight == 0
         assert agents.seen == [("bad", "GET", digest(b""))]
         nursery.cancel_scope.cancel()
+
+
+async def refuse_after_reading(stream: MuxStream) -> None:
+    # REFUSED_STREAM says "not processed", so only the body decides whether a retry is possible.
+    stream.reset(ErrorCode.REFUSED_STREAM)
+
+
+@pytest.mark.parametrize(("size", "resent"), [(64 * 1024, True), (64 * 1024 + 1, False)])
+async def test_a_refused_body_is_resent_only_if_the_relay_still_holds_all_of_it(
+    size: int, resent: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """64 KiB of request body are held for a replay; a longer one was streamed and is gone, so the request
+    cannot be sent again: 502, never a truncated body to another agent."""
+    registry = AgentRegistry(agent_wait=10)
+    body = os.urandom(size)
+    async with trio.open_nursery() as nursery:
+        agents = Agents(nursery, registry)
+        await agents.connect("spare", ok)
+        await agents.connect("refuses", refuse_after_reading)  # newest: picked first
+        status, text = await request(registry, "POST", body)
+        nursery.cancel_scope.cancel()
+    if resent:
+        assert (status, text) == (200, b"ok")
+        assert agents.seen == [("refuses", "POST", digest(body)), ("spare", "POST", digest(body))]
+    else:
+        assert status == 502 and b"REFUSED_STREAM" in text
+        assert agents.seen == [("refuses", "POST", digest(body))]
+
+
+async def test_a_request_is_sent_five_times_at_most(autojump_clock: trio.testing.MockClock) -> None:
+    registry = AgentRegistry(agent_wait=10)
+    async with trio.open_nursery() as nursery:
+        agents = Agents(nursery, registry)
+        for name in ("a", "b"):
+            await agents.connect(name, refuse_after_reading)
+        status, text = await request(registry, "POST", b"refused everywhere")
+        nursery.cancel_scope.cancel()
+    assert status == 502 and b"gave up after 5 attempts" in text
+    assert len(agents.seen) == 5

@@ -16,6 +16,8 @@ from websockets.frames import Frame, Opcode
 from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
+from protocol import Connection, ErrorCode, GoAwayReceived, HandshakeComplete, RemoteProtocolError, Role
+from rtunnel.mux import Multiplexer
 from rtunnel.transport import SUBPROTOCOL, Transport, parse_relay_url
 
 from .transport_common import (
@@ -312,3 +314,59 @@ async def test_peer_close_is_answered_and_reported(tr: ModuleType, nursery: trio
         assert await stream.receive_some() == b""  # the server closes TCP after the exchange
     await done.wait()
     assert reasons == ["WebSocket closed: 1001 GOING_AWAY (going away)"]
+
+
+async def test_websocket_pings_count_against_the_protocols_ping_budget(
+    tr: ModuleType, nursery: trio.Nursery
+) -> None:
+    """A peer pinging one layer down (WebSocket pings, each answered with a pong) is cut off like a PING flood:
+    GOAWAY with ENHANCE_YOUR_CALM, then the link closes, long before 20,000 pongs."""
+    failures: list[BaseException] = []
+
+    async def handler(t: Transport) -> None:
+        try:
+            await Multiplexer(t, Role.ACCEPTOR).run()
+        except RemoteProtocolError as exc:
+            failures.append(exc)
+        t.abort()  # as the relay does after a protocol error
+
+    url = await _start_relay(tr, nursery, handler)
+    stream, proto = await _sansio_client(url)
+    peer = Connection(Role.DIALER)
+    proto.send_binary(peer.data_to_send())
+    await stream.send_all(b"".join(proto.data_to_send()))
+    events: list[object] = []
+    pongs = 0
+    async with stream:
+        while not any(isinstance(e, HandshakeComplete) for e in events):
+            for frame in await _frames_until(stream, proto, Opcode.BINARY):
+                if frame.opcode is Opcode.BINARY:
+                    events += peer.receive_data(frame.data)
+        with trio.fail_after(30):
+            for batch in range(200):
+                for i in range(100):
+                    proto.send_ping(b"%d" % (batch * 100 + i))
+                try:
+                    await stream.send_all(b"".join(proto.data_to_send()))
+                except trio.BrokenResourceError:
+                    break
+                answered = 0
+                while answered < 100:
+                    data = await stream.receive_some()
+                    if not data:
+                        break
+                    proto.receive_data(data)
+                    for frame in proto.events_received():
+                        if not isinstance(frame, Frame):
+                            continue
+                        if frame.opcode is Opcode.PONG:
+                            answered += 1
+                        elif frame.opcode is Opcode.BINARY:
+                            events += peer.receive_data(frame.data)
+                pongs += answered
+                if answered < 100:
+                    break
+    goaways = [e for e in events if isinstance(e, GoAwayReceived)]
+    assert [g.error_code for g in goaways] == [ErrorCode.ENHANCE_YOUR_CALM]
+    assert [getattr(f, "error_code", None) for f in failures] == [ErrorCode.ENHANCE_YOUR_CALM]
+    assert pongs < 1000  # the budget's burst (50) plus its refill, not the 20,000 asked for
