@@ -7,6 +7,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +17,35 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 class BenchError(Exception):
     """A setup step or a measurement failed; the message says which."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with status {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"{name}: nothing listening on 127.0.0.1:{port} after {timeout:g} s")
+
+
+def run(args: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    """The command's stdout; BenchError (with the end of its stderr) if it fails."""
+    result = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, check=False, env=env, cwd=cwd
+    )
+    if result.returncode != 0:
+        raise BenchError(f"{' '.join(args)} exited {result.returncode}: {result.stderr.strip()[-500:]}")
+    return result.stdout
 
 
 class Processes:
@@ -33,10 +63,11 @@ class Processes:
         *,
         stdin: int = subprocess.DEVNULL,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115  (the child keeps it)
         proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=stdin, env=env, start_new_session=True
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=stdin, env=env, cwd=cwd, start_new_session=True
         )
         log.close()
         self.started.append((name, proc))

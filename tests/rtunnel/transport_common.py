@@ -22,7 +22,7 @@ from rtunnel.transport import Transport, parse_relay_url
 
 # Every test takes the module under test from the `tr` fixture, so that a candidate replacement
 # (same names, same behaviour) can run this suite side by side with the current one; that is how
-# the move from trio-websocket to the websockets sans-IO core was checked (bench/transport_bench.py).
+# the move from trio-websocket to the websockets sans-IO core was checked.
 IMPLEMENTATIONS = ["rtunnel.transport"]
 
 TOKEN = "s3cret-token"
