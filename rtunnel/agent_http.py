@@ -596,14 +596,17 @@ class ExchangeHandler:
             bytes_in=stream.bytes_received,
             bytes_out=stream.bytes_sent,
             duration_ms=round((trio.current_time() - started) * 1000, 3),
-            request_id=request_id_of(exchange.head.headers),  # set by the relay; sanitized: not trusted
+            # Set by the relay; sanitized: not trusted. Only the log shows it.
+            request_id=request_id_of(exchange.head.headers) if (logged := access_log.enabled) else None,
         )
-        if access_log.enabled:
+        if logged:
             access_log.write(
                 f"{access.method} {access.path} {access.status if access.status is not None else '-'} "
                 f"in={access.bytes_in:d} out={access.bytes_out:d} {round(access.duration_ms):d}ms "
                 f"id={access.request_id or '-'}{f' ({note})' if note else ''}",
-                access.extra(note=note or None),
+                access,
+                "note",
+                note or None,
             )
         if self.on_exchange is not None:
             self.on_exchange(access)

@@ -77,7 +77,7 @@ def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: that makes __init__ a setattr call per field
 class Access:
     """One exchange as the access log and the metrics see it.
 
@@ -173,7 +173,7 @@ class _AccessSink:
         self._second = -1  # the whole second the cached time prefix is for
         self._prefix = ""
 
-    def add(self, name: str, message: str, fields: dict[str, object]) -> None:
+    def add(self, name: str, message: str, fields: dict[str, object] | None) -> None:
         now = time.time()
         second = int(now)
         millis = int((now - second) * 1000)
@@ -191,7 +191,7 @@ class _AccessSink:
                 "logger": name,
                 "message": message,
             }
-            for key, value in fields.items():
+            for key, value in (fields or {}).items():
                 line.setdefault(key, value)
             text = _JSON.encode(line) + "\n"
         else:
@@ -268,14 +268,15 @@ class AccessLog:
     def enabled(self) -> bool:
         return AccessLog.enabled_by_option and self.logger.isEnabledFor(logging.INFO)
 
-    def write(self, message: str, fields: dict[str, object]) -> None:
-        """One line: `message` for people, `fields` as typed JSON fields (JSON format only)."""
+    def write(self, message: str, access: Access, key: str, value: object) -> None:
+        """One line: `message` for people, `access` (and `key`: `value` unless None) as typed fields (which only
+        the JSON format shows: the text format does not even build them)."""
         sink = _sink
         # Only while setup's handler is the one place lines go (not under a test's caplog, say).
         if sink is not None and not self.logger.handlers and _root.handlers == [sink.handler]:
-            sink.add(self.name, message, fields)
+            sink.add(self.name, message, access.extra(**{key: value}) if sink.json else None)
         else:
-            self.logger.info(message, extra=fields)
+            self.logger.info(message, extra=access.extra(**{key: value}))
 
 
 def pick_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:

@@ -687,7 +687,9 @@ class ClientConnection:
             access_log.write(
                 f"{self._client_ip} {access.method} {path} {status:d} in={bytes_in:d} out={bytes_out:d} "
                 f"{access.duration_ms:.1f}ms id={access.request_id}",
-                access.extra(client=self._client_ip),
+                access,
+                "client",
+                self._client_ip,
             )
         if self._on_exchange is not None:
             self._on_exchange(access)

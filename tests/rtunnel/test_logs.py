@@ -13,8 +13,9 @@ import trio
 import trio.testing
 
 from rtunnel import logs
-from rtunnel.logs import AccessLog, JsonFormatter, flush_periodically
+from rtunnel.logs import Access, AccessLog, JsonFormatter, flush_periodically
 
+ACCESS = Access("GET", "/a b/ü", 200, 0, 12, 1.25, 'id-"quoted"')
 FIELDS: dict[str, object] = {
     "method": "GET",
     "path": "/a b/ü",
@@ -25,6 +26,7 @@ FIELDS: dict[str, object] = {
     "request_id": 'id-"quoted"',
     "client": "127.0.0.1",
 }
+NONE = Access("GET", "/", None, 0, 0, 0.0, None)
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def test_sink_writes_what_the_logging_module_would(fmt: str, restore_logging: No
     out = io.StringIO()
     logs.setup("info", fmt, out)
     message = "127.0.0.1 GET /a b/ü 200 in=0 out=12 1.2ms id=x %s"  # a % in a path is no format
-    AccessLog("rtunnel.relay.access").write(message, dict(FIELDS))
+    AccessLog("rtunnel.relay.access").write(message, ACCESS, "client", "127.0.0.1")
     assert out.getvalue() == ""  # buffered until the next flush
     assert logs._sink is not None
     logs._sink.flush()
@@ -80,7 +82,7 @@ def test_sink_writes_what_the_logging_module_would(fmt: str, restore_logging: No
 def test_buffered_lines_go_out_before_any_other_line(restore_logging: None) -> None:
     out = io.StringIO()
     logs.setup("info", "text", out)
-    AccessLog("rtunnel.agent.access").write("first", {})
+    AccessLog("rtunnel.agent.access").write("first", NONE, "note", None)
     logging.getLogger("rtunnel.agent").warning("second")
     lines = out.getvalue().splitlines()
     assert [line.split(": ", 1)[1] for line in lines] == ["first", "second"]
@@ -99,7 +101,7 @@ def test_access_log_off_and_level_warning_write_nothing(restore_logging: None) -
 def test_without_setup_lines_go_through_logging(caplog: pytest.LogCaptureFixture) -> None:
     assert logs._sink is None
     with caplog.at_level(logging.INFO, logger="rtunnel.relay.access"):
-        AccessLog("rtunnel.relay.access").write("GET / 200", {"status": 200})
+        AccessLog("rtunnel.relay.access").write("GET / 200", ACCESS, "client", None)
     (record,) = [r for r in caplog.records if r.name == "rtunnel.relay.access"]
     assert record.getMessage() == "GET / 200"
     assert record.status == 200
@@ -112,7 +114,7 @@ def test_a_burst_is_written_once_it_reaches_the_size_bound(restore_logging: None
     line = "x" * 1000
     written = 0
     while not out.getvalue():
-        access.write(line, {})
+        access.write(line, NONE, "note", None)
         written += 1
         assert written * 1000 <= logs.FLUSH_SIZE + 1000
     assert out.getvalue().count("\n") == written
@@ -127,11 +129,11 @@ async def test_flushed_within_the_interval_and_when_stopped(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flush_periodically)
         await trio.testing.wait_all_tasks_blocked()
-        access.write("one", {})
+        access.write("one", NONE, "note", None)
         await trio.sleep(logs.FLUSH_INTERVAL * 0.9)
         assert out.getvalue() == ""
         await trio.sleep(logs.FLUSH_INTERVAL * 0.2)
         assert out.getvalue().endswith(": one\n")
-        access.write("two", {})
+        access.write("two", NONE, "note", None)
         nursery.cancel_scope.cancel()  # the process stops: what is buffered still goes out
     assert [line.split(": ", 1)[1] for line in out.getvalue().splitlines()] == ["one", "two"]
