@@ -109,6 +109,16 @@ class _RequestBody:
         if not chunk:
             self.ended = True
             return b""
+        # The relay's body arrives in frames (16 KiB by default): what already arrived goes to the upstream in
+        # one send, not one send (and one h11 event, one stall scope) per frame.
+        more = self._stream.receive_data_nowait(READ_SIZE - len(chunk)) if len(chunk) < READ_SIZE else None
+        if more:
+            pieces = [chunk, more]
+            size = len(chunk) + len(more)
+            while size < READ_SIZE and (more := self._stream.receive_data_nowait(READ_SIZE - size)):
+                pieces.append(more)
+                size += len(more)
+            chunk = b"".join(pieces)
         self._taken += 1
         if self.replayable:
             if self._held_bytes + len(chunk) <= REPLAY_LIMIT:
