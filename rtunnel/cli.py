@@ -469,7 +469,7 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     from .agent import Agent, AgentConfig, Connector
     from .agent_http import ExchangeHandler
     from .allowlist import Allowlist, AllowRuleError
-    from .relay import STREAM_WINDOW, TUNNEL_HEADER
+    from .relay import FRAME_SIZE, STREAM_WINDOW, TUNNEL_HEADER
     from .transport import parse_relay_url
 
     for url in args.relay_urls:
@@ -504,7 +504,11 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         ping_interval=args.ping_interval,
         dead_timeout=args.dead_timeout,
         connect_timeout=args.connect_timeout,
-        settings=Settings(max_concurrent_streams=args.max_streams, initial_stream_window=STREAM_WINDOW),
+        settings=Settings(
+            max_concurrent_streams=args.max_streams,
+            initial_stream_window=STREAM_WINDOW,
+            max_frame_size=FRAME_SIZE,
+        ),
         tunnel=args.tunnel,
     )
     connect: Connector = transport.connect
