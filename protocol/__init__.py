@@ -1,6 +1,8 @@
 """rtunnel's wire protocol (SPEC.md), sans-IO: bytes in, events out, bytes to send.
 
 Standard library only; no sockets, threads or clocks. The runtime owns all I/O and passes time in.
+The frame codec's encoders (and the request-head decoder) are public for peers that must write what a `Connection` never would (the conformance
+runner's scripted peers).
 """
 
 from ._connection import Connection, ConnectionState, Role
@@ -26,6 +28,11 @@ from ._frames import (
     Headers,
     RequestHead,
     ResponseHead,
+    decode_request_head,
+    encode_frame,
+    encode_hello,
+    encode_request_head,
+    encode_response_head,
 )
 from ._settings import MAX_STREAM_ID, MAX_WINDOW, Limits, SettingId, Settings
 from ._stream import StreamState
@@ -62,4 +69,9 @@ __all__ = [
     "StreamState",
     "TrailersReceived",
     "WindowUpdated",
+    "decode_request_head",
+    "encode_frame",
+    "encode_hello",
+    "encode_request_head",
+    "encode_response_head",
 ]

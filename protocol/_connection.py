@@ -20,7 +20,7 @@ from ._core import (
     Role,
     _pack_header,
 )
-from ._errors import ErrorCode, LocalProtocolError
+from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._receiving import _Receiving
 from ._settings import MAX_STREAM_ID
 from ._stream import Side, Stream, StreamState
@@ -219,6 +219,14 @@ class Connection(_Receiving):
         max_debug = (peer.max_frame_size if peer is not None else 1024) - 8
         self._control.append(F.encode_goaway(self._goaway_last_stream_id(), error_code, debug[:max_debug]))
         self._goaway_sent = True
+
+    def fail(self, reason: str, error_code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> RemoteProtocolError:
+        """A connection error the runtime detected below this layer (SPEC 2: a text WebSocket message): queue
+        the GOAWAY for it alone, as for one found in the frames, and return the error to raise."""
+        error = RemoteProtocolError(reason, error_code)
+        if self.state is not ConnectionState.CLOSED:
+            self._fail(error)
+        return error
 
     # -- output ------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from protocol import RemoteProtocolError, Role, Settings
 from . import transport
 from .backoff import Backoff
 from .metrics import Metrics
-from .mux import LinkDead, Multiplexer, MuxStream, TransportLike
+from .mux import LinkDead, Multiplexer, MuxStream, TransportLike, close_code
 
 log = logging.getLogger("rtunnel.agent")
 
@@ -34,6 +34,8 @@ CLOSE_TIMEOUT = 5.0
 
 class Link(TransportLike, Protocol):
     def abort(self) -> None: ...
+
+    async def aclose(self, code: int = ..., reason: str = ...) -> None: ...
 
 
 class Connector(Protocol):
@@ -180,10 +182,17 @@ class Agent:
                 if not detail.startswith("connection lost"):  # the transport's reasons often say it already
                     detail = f"connection lost: {detail}"
                 why = f"relay {url}: {detail}"
+                error = group.exceptions[0]
+                if isinstance(error, RemoteProtocolError):
+                    await link.aclose(close_code(error))  # behind the GOAWAY (SPEC 10)
                 link.abort()  # a dead link would make a graceful close wait for a Close that never comes
             finally:
                 self.connections.pop(url, None)
                 self.metrics.link_down(mux)
+            if self._draining:
+                # Cut after the grace period, or never drained by the relay: going away (SPEC 10.2). A no-op
+                # once the relay closed the connection itself.
+                await link.aclose(transport.CLOSE_GOING_AWAY, "agent shutting down")
             return why
 
     def goaway_all(self) -> None:

@@ -50,7 +50,13 @@ from protocol import (
     StreamReset as StreamResetEvent,
 )
 
-from .transport import TransportClosed
+from .transport import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_PROTOCOL_ERROR,
+    TextMessage,
+    TransportClosed,
+)
 
 log = logging.getLogger("rtunnel.mux")
 
@@ -93,6 +99,16 @@ class StreamReset(Exception):
         self.reason = reason
         who = "peer" if remote else "local"
         super().__init__(f"stream reset ({who}, {error_code.name}){': ' + reason if reason else ''}")
+
+
+def close_code(error: BaseException) -> int:
+    """The WebSocket close code that ends a connection after `error` (SPEC 2): 1002 after a GOAWAY for a
+    connection error, 1008 for ENHANCE_YOUR_CALM (the transport turns it into 1003 after a text message)."""
+    if isinstance(error, RemoteProtocolError):
+        if error.error_code is ErrorCode.ENHANCE_YOUR_CALM:
+            return CLOSE_POLICY_VIOLATION
+        return CLOSE_PROTOCOL_ERROR
+    return CLOSE_NORMAL
 
 
 class MuxClosed(Exception):
@@ -457,10 +473,10 @@ class Multiplexer:
                 now = trio.current_time()
                 self._last_received = now
                 events = conn.receive_data(message, now)
+            except TextMessage as exc:
+                raise await self._connection_error(conn.fail(exc.reason)) from None
             except RemoteProtocolError as exc:
-                self.close_reason = f"peer broke the protocol: {exc}"
-                log.warning("%s: %s", self.name or "connection", self.close_reason)
-                await self._flush_goaway()
+                await self._connection_error(exc)
                 raise
             for event in events:
                 if type(event) is DataReceived:
@@ -647,11 +663,15 @@ class Multiplexer:
         if self._streams.pop(stream.stream_id, None) is not None:
             self._stream_slot.set()
 
-    async def _flush_goaway(self) -> None:
+    async def _connection_error(self, exc: RemoteProtocolError) -> RemoteProtocolError:
+        """The peer broke the protocol: send the GOAWAY the core queued for it (best effort, SPEC 10)."""
+        self.close_reason = f"peer broke the protocol: {exc}"
+        log.warning("%s: %s", self.name or "connection", self.close_reason)
         data = self._conn.data_to_send(MAX_MESSAGE)
         if data:
             with trio.move_on_after(1):
                 await self._transport.send(data)
+        return exc
 
     def _shut_down(self) -> None:
         self._closed = True

@@ -24,7 +24,7 @@ from . import transport
 from .config import TokenGroup
 from .limits import AuthThrottle, Counter
 from .metrics import Metrics
-from .mux import LinkDead, Multiplexer
+from .mux import LinkDead, Multiplexer, close_code
 from .registry import AgentRegistry, Tunnel, TunnelRouter
 from .relay_http import ClientConnection, HttpLimits
 
@@ -125,6 +125,7 @@ class Relay:
         )
         # Each connected agent's token group, and the scope its connection runs in (revocation cancels it).
         self._agent_groups: dict[Multiplexer, tuple[TokenGroup, trio.CancelScope]] = {}
+        self._agent_links: dict[Multiplexer, transport.Transport] = {}  # for the Close on shutdown
         self._auth_throttle = AuthThrottle(config.auth_fail_limit, config.auth_fail_window)
         limits = config.http_limits
         self._connections = Counter(total=limits.max_connections, per_key=limits.max_connections_per_ip)
@@ -249,6 +250,9 @@ class Relay:
         progress finish within `grace` seconds. Idle keep-alive connections are closed at once; busy ones
         after their current exchange. The caller then cancels whatever is left."""
         self._draining = True
+        # Every agent learns first, so that it can dial another relay while this one drains (SPEC 10).
+        for mux in self._agent_links:
+            mux.goaway()
         self._http_accepting.cancel()
         if self.http_address is not None:  # the listener was up: wait until its sockets are closed
             await self._http_closed.wait()
@@ -268,6 +272,15 @@ class Relay:
             log.warning("grace period over: cutting %d exchanges still in progress", left)
         else:
             log.info("drained: no exchange left")
+        await self._close_agents()
+
+    async def _close_agents(self) -> None:
+        """End every agent connection with a WebSocket Close 1001 (going away), not a dropped TCP connection:
+        the agent then knows the relay ended it on purpose. Each close is bounded by the transport's timeout."""
+        async with trio.open_nursery() as nursery:
+            for mux, link in list(self._agent_links.items()):
+                mux.close_reason = mux.close_reason or "the relay is shutting down"
+                nursery.start_soon(partial(link.aclose, transport.CLOSE_GOING_AWAY, "relay shutting down"))
 
     def _notify_clients(self) -> None:
         self._clients_changed.set()
@@ -276,7 +289,9 @@ class Relay:
     async def _on_agent(self, link: transport.Transport) -> None:
         if self._draining:
             log.info("agent %s turned away: the relay is shutting down", link.remote)
-            return  # the transport is closed gracefully on return; the agent retries elsewhere or later
+            # Going away (SPEC 10.2): the agent retries elsewhere or later.
+            await link.aclose(transport.CLOSE_GOING_AWAY, "relay shutting down")
+            return
         mux = Multiplexer(
             link,
             Role.ACCEPTOR,
@@ -309,6 +324,9 @@ class Relay:
                     nursery.cancel_scope.cancel()
                 else:
                     registry.add(mux)
+                    self._agent_links[mux] = link
+                    if self._draining:  # drain() began while this agent was connecting
+                        mux.goaway()
                     self.metrics.link_up(mux, link.remote, tunnel=tunnel)
                     what = "" if tunnel is None else f" for tunnel {tunnel!r}"
                     count = len(registry.agents)
@@ -318,11 +336,14 @@ class Relay:
             error = errors.exceptions[0]
             reason = str(error)
             if isinstance(error, RemoteProtocolError):
-                # What we told the agent, so an operator can match it with the agent's own log.
+                # What we told the agent, so an operator can match it with the agent's own log; the GOAWAY is
+                # out, so the WebSocket Close handshake follows it (SPEC 10).
                 reason += f" (sent GOAWAY {error.error_code.name})"
+                await link.aclose(close_code(error))
             link.abort()  # a dead link would make a graceful close wait for a Close that never comes
         finally:
             self._agent_groups.pop(mux, None)
+            self._agent_links.pop(mux, None)
             registry.remove(mux)
             self.metrics.link_down(mux)
         reason = reason or mux.close_reason

@@ -505,6 +505,7 @@ class ClientConnection:
         if head.status == 101:
             if not upgrade:
                 why = "101 to a request without Upgrade"
+                stream.reset(ErrorCode.PROTOCOL_ERROR)  # SPEC 5.5: the agent broke a rule, not a cancel
                 raise StreamReset(ErrorCode.PROTOCOL_ERROR, remote=True, retryable=False, reason=why)
             headers = strip_hop_by_hop(list(head.headers), keep_upgrade=True)
             headers = with_request_id(headers, self._request_id)

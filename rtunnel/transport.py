@@ -38,8 +38,14 @@ from .limits import AuthThrottle
 from .wslink import (
     _LIBRARY_LOG,
     _RECEIVE_SIZE,
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNSUPPORTED_DATA,
     MAX_MESSAGE_SIZE,
     SUBPROTOCOL,
+    TextMessage,
     Transport,
     TransportClosed,
     _describe_os_error,
@@ -51,11 +57,17 @@ from .wslink import (
 )
 
 __all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY_VIOLATION",
+    "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_UNSUPPORTED_DATA",
     "MAX_MESSAGE_SIZE",
     "SUBPROTOCOL",
     "AuthRejected",
     "ConnectError",
     "Refusal",
+    "TextMessage",
     "Transport",
     "TransportClosed",
     "VersionMismatch",

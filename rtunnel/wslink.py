@@ -77,6 +77,19 @@ class TransportClosed(Exception):
         self.reason = reason
 
 
+class TextMessage(TransportClosed):
+    """The peer sent a text message: a connection error PROTOCOL_ERROR (SPEC 2). The link is left open so
+    that the caller can send its GOAWAY first; closing it then sends Close 1003."""
+
+
+# WebSocket close codes (SPEC 2): which one ends a connection, by how it ended.
+CLOSE_NORMAL = 1000  # a drain completed, or a plain close
+CLOSE_GOING_AWAY = 1001  # the endpoint is shutting down
+CLOSE_PROTOCOL_ERROR = 1002  # after a GOAWAY reporting a connection error
+CLOSE_UNSUPPORTED_DATA = 1003  # after a text message
+CLOSE_POLICY_VIOLATION = 1008  # after a GOAWAY with ENHANCE_YOUR_CALM
+
+
 def _describe_stream_error(exc: BaseException) -> str:
     cause = exc.__cause__
     if isinstance(cause, ssl.SSLCertVerificationError):
@@ -214,9 +227,8 @@ class Transport:
                     return self._messages.popleft()
                 continue
             if self._text:
-                reason = "peer sent a text message (rtunnel.v1 uses binary messages only)"
-                await self._close(1003, "binary messages only", reason)
-                raise TransportClosed(reason)
+                await trio.lowlevel.checkpoint()
+                raise TextMessage("peer sent a text message (rtunnel.v1 uses binary messages only)")
             if self.closed:
                 await trio.lowlevel.checkpoint()
                 raise TransportClosed(self._reason())
@@ -227,9 +239,26 @@ class Transport:
             finally:
                 self._read_lock.release()
 
-    async def aclose(self) -> None:
-        """Graceful close (Close handshake), bounded by close_timeout; idempotent."""
-        await self._close(1000, "", "closed locally")
+    async def send_text(self, text: str) -> None:
+        """Send a text message, which rtunnel.v1 forbids: only the conformance runner's scripted peers do."""
+        async with self._send_lock:
+            if self.closed or self._proto.state is not State.OPEN:
+                raise TransportClosed(self._reason())
+            self._proto.send_text(text.encode())
+            if not await self._send_all(b"".join(self._proto.data_to_send())):
+                raise TransportClosed(self._reason())
+
+    @property
+    def peer_close(self) -> tuple[int, str] | None:
+        """Code and reason of the peer's Close frame; None while none arrived (or the TCP connection was just
+        dropped, which a WebSocket API reports as 1006)."""
+        received = self._proto.close_rcvd
+        return None if received is None else (received.code, received.reason)
+
+    async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Graceful close (Close handshake with `code`), bounded by close_timeout; idempotent (the first
+        close decides the code). After a text message the code is always 1003."""
+        await self._close(code, reason, "closed locally")
 
     def abort(self) -> None:
         """Close the socket now, without a Close frame (which could wait behind a stuck send)."""
@@ -381,6 +410,8 @@ class Transport:
     # -- closing ---------------------------------------------------------------------------------
 
     async def _close(self, code: int, ws_reason: str, local_reason: str) -> None:
+        if self._text:
+            code, ws_reason = CLOSE_UNSUPPORTED_DATA, "binary messages only"
         if self._local_reason is None:
             self._local_reason = local_reason
         try:

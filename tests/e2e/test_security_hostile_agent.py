@@ -1,4 +1,4 @@
-"""A compromised agent against the real relay (tests/hostile.py, HostileAgent): it authenticates with a valid
+"""A compromised agent against the real relay (rtunnel/conformance/peers.py, HostileAgent): it authenticates with a valid
 token, then sends oversized frames, floods resets, opens streams it may not open, lies about windows or never
 reads. The relay survives, closes that agent with the specified error code (the GOAWAY code is in the relay's
 log), and an honest agent on the same relay keeps serving, including an exchange in progress the whole time.
@@ -15,10 +15,18 @@ import httpx
 import pytest
 import trio
 
-from protocol import ErrorCode, RequestHead, Settings
-from protocol._frames import encode_request_head
+from protocol import ErrorCode, RequestHead, Settings, encode_request_head
+from rtunnel.conformance.peers import (
+    DATA,
+    OPEN,
+    RESET,
+    WINDOW_UPDATE,
+    HostileAgent,
+    frame,
+    hostile_agent,
+    u32,
+)
 from rtunnel.relay import FRAME_SIZE, STREAM_WINDOW
-from tests.hostile import DATA, OPEN, RESET, WINDOW_UPDATE, HostileAgent, frame, hostile_agent, u32
 
 from .procs import Relay, http_client, run_agent, run_relay
 from .upstream import Upstream

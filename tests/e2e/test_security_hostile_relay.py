@@ -1,5 +1,5 @@
 """A compromised relay against the real `rtunnel dial`: the agent's allowlist, and its abuse limits, hold even
-when every frame it receives is chosen by an attacker (tests/hostile.py, HostileRelay).
+when every frame it receives is chosen by an attacker (rtunnel/conformance/peers.py, HostileRelay).
 
 The relay here is a scripted WebSocket server speaking rtunnel.v1; it skips every check the real relay makes,
 so whatever reaches the upstream got past the agent alone.
@@ -13,7 +13,7 @@ import pytest
 
 from protocol import ErrorCode, RequestHead, StreamReset
 from rtunnel.allowlist import normalize_target
-from tests.hostile import DATA, END_STREAM, WINDOW_UPDATE, HostileRelay, frame, hostile_relay, u32
+from rtunnel.conformance.peers import DATA, END_STREAM, WINDOW_UPDATE, HostileRelay, frame, hostile_relay, u32
 
 from .procs import Agent, run_agent
 from .upstream import Upstream

@@ -216,3 +216,26 @@ def test_one_octet_at_a_time_gives_the_same_events(transcript: bytes) -> None:
     whole = normalized(_feed([transcript]))
     octets = [transcript[i : i + 1] for i in range(len(transcript))]
     assert normalized(_feed(octets)) == whole
+
+
+def test_connection_credit_threshold_is_the_receivers_own_max_frame_size() -> None:
+    # SPEC 8: "one MAX_FRAME_SIZE" is the receiver's (the largest DATA the peer may send it). With 2536 octets
+    # of connection window left to the sender, a receiver whose own MAX_FRAME_SIZE is 4096 credits the 1000
+    # octets its application consumed at once; by the sender's MAX_FRAME_SIZE (1024) it would wait.
+    relay = Connection(
+        Role.ACCEPTOR, Settings(max_frame_size=4096, connection_window=65536, initial_stream_window=65536)
+    )
+    agent = Connection(Role.DIALER, Settings(max_frame_size=1024))
+    relay.receive_data(agent.data_to_send())
+    agent.receive_data(relay.data_to_send())
+    stalled = relay.open_stream(RequestHead(b"GET", b"/stalled"), end_stream=True)
+    consumed = relay.open_stream(RequestHead(b"GET", b"/consumed"), end_stream=True)
+    agent.receive_data(relay.data_to_send())
+    for stream_id, size in ((stalled, 62000), (consumed, 1000)):
+        agent.send_reply(stream_id, ResponseHead(200, b"OK"))
+        agent.send_data(stream_id, bytes(size))
+    relay.receive_data(agent.data_to_send(1 << 20))
+    assert relay.data_to_send() == b""  # nothing consumed yet: nothing to credit
+    relay.acknowledge_received_data(consumed, 1000)
+    credit = relay.data_to_send()
+    assert credit == b"\x00\x00\x04\x05\x00\x00\x00\x00\x00" + (1000).to_bytes(4, "big")

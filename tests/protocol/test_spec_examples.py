@@ -36,6 +36,7 @@ class Example:
     sender: str
     octets: bytes
     events: list[Event]
+    error: protocol.ErrorCode | None = None  # the octets are a connection error with this code
 
 
 def parse_examples(text: str) -> list[Example]:
@@ -54,11 +55,12 @@ def parse_examples(text: str) -> list[Example]:
             hex_part = line.split("#", 1)[0].strip()
             assert _HEX_LINE.match(hex_part), f"not a hex line: {raw_line!r}"
             octets += bytes.fromhex(hex_part)
-        assert set(meta) <= {"example", "from", "event"}, meta
+        assert set(meta) <= {"example", "from", "event", "error"}, meta
         (name,) = meta["example"]
         (sender,) = meta["from"]
         events = [eval(expr, _NAMESPACE) for expr in meta.get("event", [])]
-        examples.append(Example(name, sender, bytes(octets), events))
+        error = protocol.ErrorCode[meta["error"][0]] if "error" in meta else None
+        examples.append(Example(name, sender, bytes(octets), events, error))
     return examples
 
 
@@ -74,6 +76,16 @@ class World:
     def __init__(self) -> None:
         self.relay = Connection(Role.ACCEPTOR)
         self.agent = Connection(Role.DIALER)
+        # The connection pair of the examples played on new connections (12.10 on).
+        self.other = (self.relay, self.agent)
+
+
+def _pair() -> tuple[Connection, Connection]:
+    """A relay and an agent that exchanged their HELLOs."""
+    relay, agent = Connection(Role.ACCEPTOR), Connection(Role.DIALER)
+    relay.receive_data(agent.data_to_send())
+    agent.receive_data(relay.data_to_send())
+    return relay, agent
 
 
 # Each step makes its sender produce the example's frame through the public API and returns
@@ -146,6 +158,31 @@ def _goaway(world: World) -> tuple[str, bytes, Connection]:
     return "relay", world.relay.data_to_send(), world.agent
 
 
+def _hello_reserved(world: World) -> tuple[str, bytes, Connection]:
+    # A reference endpoint always sends 0: set the field by hand.
+    hello = bytearray(F.encode_hello([]))
+    hello[11:13] = b"\xab\xcd"
+    return "relay", bytes(hello), Connection(Role.DIALER)
+
+
+def _goaway_short(world: World) -> tuple[str, bytes, Connection]:
+    relay, _ = _pair()
+    return "agent", F.encode_frame(protocol.FrameType.GOAWAY, 0, 0, bytes(4)), relay
+
+
+def _interim_end_stream(world: World) -> tuple[str, bytes, Connection]:
+    relay, agent = world.other = _pair()
+    assert relay.open_stream(RequestHead(b"GET", b"/hello"), end_stream=True) == 2
+    agent.receive_data(relay.data_to_send())
+    reply = F.encode_response_head(ResponseHead(100, b""))  # send_reply refuses END_STREAM on an interim head
+    return "agent", F.encode_frame(protocol.FrameType.REPLY, 1, 2, reply), relay
+
+
+def _interim_end_stream_reset(world: World) -> tuple[str, bytes, Connection]:
+    relay, agent = world.other
+    return "relay", relay.data_to_send(), agent
+
+
 STEPS: dict[str, Step] = {
     "hello": _hello,
     "hello-no-settings": _hello_no_settings,
@@ -157,6 +194,10 @@ STEPS: dict[str, Step] = {
     "ping": _ping,
     "ping-ack": _ping_ack,
     "goaway": _goaway,
+    "hello-reserved": _hello_reserved,
+    "goaway-short": _goaway_short,
+    "interim-end-stream": _interim_end_stream,
+    "interim-end-stream-reset": _interim_end_stream_reset,
 }
 
 
@@ -178,6 +219,15 @@ def _replay(split: bool) -> None:
         sender, produced, receiver = STEPS[example.name](world)
         assert sender == example.sender, example.name
         assert produced.hex(" ") == example.octets.hex(" "), example.name
+        if example.error is not None:
+            with pytest.raises(protocol.RemoteProtocolError) as raised:
+                receiver.receive_data(example.octets)
+            assert raised.value.error_code is example.error, example.name
+            goaway = receiver.data_to_send()  # the answer: a GOAWAY with the code, alone
+            assert goaway[3] == protocol.FrameType.GOAWAY and goaway[13:17] == example.error.to_bytes(
+                4, "big"
+            )
+            continue
         if split:
             # Receivers accept any grouping: one octet at a time gives the same events.
             events: list[Event] = []

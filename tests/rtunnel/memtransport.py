@@ -32,7 +32,7 @@ class MemoryTransport:
         except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError):
             raise TransportClosed("peer closed") from None
 
-    async def aclose(self) -> None:
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
         await self._send.aclose()
         await self._receive.aclose()
 

@@ -297,3 +297,28 @@ async def test_a_request_is_sent_five_times_at_most(autojump_clock: trio.testing
         nursery.cancel_scope.cancel()
     assert status == 502 and b"gave up after 5 attempts" in text
     assert len(agents.seen) == 5
+
+
+async def test_a_refusal_from_the_only_agent_goes_back_to_the_same_connection_after_agent_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # SPEC 10.1: with no other agent, the relay waits up to --agent-wait for one, then sends the refused
+    # request again on the connection that refused it (still open: a refusal says nothing about the link).
+    registry = AgentRegistry(agent_wait=10)
+    times: list[float] = []
+
+    async def refuse_once(stream: MuxStream) -> None:
+        times.append(trio.current_time())
+        if len(times) == 1:
+            stream.reset(ErrorCode.REFUSED_STREAM)
+        else:
+            await ok(stream)
+
+    async with trio.open_nursery() as nursery:
+        agents = Agents(nursery, registry)
+        only = await agents.connect("only", refuse_once)
+        assert await request(registry, "POST", b"body") == (200, b"ok")
+        assert not only.is_closed and agents.links == {"only": only}
+        nursery.cancel_scope.cancel()
+    assert [name for name, *_ in agents.seen] == ["only", "only"]
+    assert times[1] - times[0] >= registry.agent_wait  # virtual time: it waited for another agent first
