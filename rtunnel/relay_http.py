@@ -19,6 +19,7 @@ import trio
 
 from protocol import ErrorCode, RequestHead
 
+from . import fastsend
 from .httpstrict import HeadChecker
 from .limits import Counter
 from .logs import Access, AccessLog, pick_request_id, with_request_id
@@ -637,7 +638,7 @@ class ClientConnection:
         )
         if data:
             try:
-                await self._stream.send_all(data)
+                await fastsend.send_all(self._stream, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise _ClientGone from None
 

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from . import fastsend
+
 __all__ = [
     "READ_SIZE",
     "UpstreamAddress",
@@ -159,7 +161,7 @@ class UpstreamConnection:
         self.broken = True
         with trio.move_on_after(stall_timeout) as scope:
             try:
-                await self.stream.send_all(data)
+                await fastsend.send_all(self.stream, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamBroken(f"upstream connection failed while sending: {_cause(exc)}") from None
         if scope.cancelled_caught:
