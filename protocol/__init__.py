@@ -6,7 +6,14 @@ runner's scripted peers).
 """
 
 from ._connection import Connection, ConnectionState, Role
-from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._errors import (
+    ErrorCode,
+    HeadNotEncodable,
+    HeadPart,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from ._events import (
     DataReceived,
     Event,
@@ -33,6 +40,7 @@ from ._frames import (
     encode_hello,
     encode_request_head,
     encode_response_head,
+    request_head_size,
 )
 from ._settings import MAX_STREAM_ID, MAX_WINDOW, Limits, SettingId, Settings
 from ._stream import StreamState
@@ -50,6 +58,8 @@ __all__ = [
     "FrameType",
     "GoAwayReceived",
     "HandshakeComplete",
+    "HeadNotEncodable",
+    "HeadPart",
     "Headers",
     "Limits",
     "LocalProtocolError",
@@ -74,4 +84,5 @@ __all__ = [
     "encode_hello",
     "encode_request_head",
     "encode_response_head",
+    "request_head_size",
 ]

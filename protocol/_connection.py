@@ -20,7 +20,7 @@ from ._core import (
     Role,
     _pack_header,
 )
-from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from ._errors import ErrorCode, HeadNotEncodable, HeadPart, LocalProtocolError, RemoteProtocolError
 from ._receiving import _Receiving
 from ._settings import MAX_STREAM_ID
 from ._stream import Side, Stream, StreamState
@@ -156,12 +156,9 @@ class Connection(_Receiving):
             raise LocalProtocolError(
                 f"stream {stream_id}: cannot send trailers in side state {stream.send_side.value}"
             )
-        try:
-            payload = F.encode_trailers(headers)
-        except ValueError as exc:
-            raise LocalProtocolError(str(exc)) from None
+        payload = F.encode_trailers(headers)
         if len(payload) > self._peer().max_head_size:
-            raise LocalProtocolError("trailers exceed the peer's MAX_HEAD_SIZE")
+            raise HeadNotEncodable("trailers exceed the peer's MAX_HEAD_SIZE", HeadPart.SIZE)
         stream.trailers_pending = payload
         stream.send_side = Side.CLOSED
         stream.end_pending = True

@@ -11,7 +11,7 @@ import struct
 from collections import deque
 
 from . import _frames as F
-from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from ._errors import ErrorCode, HeadNotEncodable, HeadPart, LocalProtocolError, RemoteProtocolError
 from ._events import (
     Event,
     StreamEnded,
@@ -159,15 +159,14 @@ class _ConnectionCore:
         return 0 < stream_id < self._next_local_id
 
     def _encode_head(self, head: F.RequestHead | F.ResponseHead) -> bytes:
-        try:
-            if isinstance(head, F.RequestHead):
-                payload = F.encode_request_head(head)
-            else:
-                payload = F.encode_response_head(head)
-        except ValueError as exc:
-            raise LocalProtocolError(str(exc)) from None
+        if isinstance(head, F.RequestHead):
+            payload = F.encode_request_head(head)
+        else:
+            payload = F.encode_response_head(head)
         if len(payload) > self._peer().max_head_size:
-            raise LocalProtocolError(f"head of {len(payload)} octets exceeds the peer's MAX_HEAD_SIZE")
+            raise HeadNotEncodable(
+                f"head of {len(payload)} octets exceeds the peer's MAX_HEAD_SIZE", HeadPart.SIZE
+            )
         return payload
 
     def _peer(self) -> Settings:

@@ -44,3 +44,24 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol; the connection is dead (a GOAWAY is queued for it)."""
+
+
+class HeadPart(enum.Enum):
+    """Which part of a head is outside what the wire format carries (SPEC 5)."""
+
+    METHOD = "method"  # 1..255 octets
+    TARGET = "target"  # 1..65535 octets
+    STATUS = "status"  # 100..999
+    REASON = "reason"  # at most 255 octets
+    HEADER = "header"  # a name of 1..65535 octets or a value of at most 65535
+    HEADER_COUNT = "header count"  # at most 65535 fields
+    SIZE = "size"  # the whole payload, at most the peer's MAX_HEAD_SIZE
+
+
+class HeadNotEncodable(LocalProtocolError):
+    """A head the wire format cannot carry. Nothing was queued: the connection is as it was, and the same
+    head will fail again on any connection (SIZE: on any whose peer declared the same MAX_HEAD_SIZE)."""
+
+    def __init__(self, message: str, part: HeadPart) -> None:
+        super().__init__(message)
+        self.part = part

@@ -7,7 +7,7 @@ import enum
 import struct
 from collections.abc import Sequence
 
-from ._errors import ErrorCode, RemoteProtocolError
+from ._errors import ErrorCode, HeadNotEncodable, HeadPart, RemoteProtocolError
 
 FRAME_HEADER_SIZE = 9
 PROTOCOL_VERSION = 1
@@ -145,24 +145,41 @@ def decode_goaway(payload: bytes | memoryview) -> tuple[int, int, bytes]:
 # -- heads (SPEC 5) -------------------------------------------------------------------------------
 
 
-def _encode_header_block(headers: Sequence[tuple[bytes, bytes]], out: list[bytes]) -> None:
+def _header_block_size(headers: Sequence[tuple[bytes, bytes]]) -> int:
     if len(headers) > 0xFFFF:
-        raise ValueError("more than 65535 headers")
-    out.append(_U16.pack(len(headers)))
+        raise HeadNotEncodable("more than 65535 headers", HeadPart.HEADER_COUNT)
+    size = 2
     for name, value in headers:
         if not 1 <= len(name) <= 0xFFFF or len(value) > 0xFFFF:
-            raise ValueError("header name must be 1..65535 octets and value at most 65535")
+            raise HeadNotEncodable(
+                "header name must be 1..65535 octets and value at most 65535", HeadPart.HEADER
+            )
+        size += 4 + len(name) + len(value)
+    return size
+
+
+def _encode_header_block(headers: Sequence[tuple[bytes, bytes]], out: list[bytes]) -> None:
+    # The caller checked the block with _header_block_size.
+    out.append(_U16.pack(len(headers)))
+    for name, value in headers:
         out.append(_U16.pack(len(name)))
         out.append(name)
         out.append(_U16.pack(len(value)))
         out.append(value)
 
 
-def encode_request_head(head: RequestHead) -> bytes:
+def request_head_size(head: RequestHead) -> int:
+    """Octets of `head` as an OPEN payload (SPEC 5.1). Raises HeadNotEncodable when a part is outside its
+    wire range; whether the size fits is up to the peer's MAX_HEAD_SIZE."""
     if not 1 <= len(head.method) <= 0xFF:
-        raise ValueError("method must be 1..255 octets")
+        raise HeadNotEncodable("method must be 1..255 octets", HeadPart.METHOD)
     if not 1 <= len(head.target) <= 0xFFFF:
-        raise ValueError("target must be 1..65535 octets")
+        raise HeadNotEncodable("target must be 1..65535 octets", HeadPart.TARGET)
+    return 3 + len(head.method) + len(head.target) + _header_block_size(head.headers)
+
+
+def encode_request_head(head: RequestHead) -> bytes:
+    request_head_size(head)
     out = [bytes((len(head.method),)), head.method, _U16.pack(len(head.target)), head.target]
     _encode_header_block(head.headers, out)
     return b"".join(out)
@@ -170,15 +187,17 @@ def encode_request_head(head: RequestHead) -> bytes:
 
 def encode_response_head(head: ResponseHead) -> bytes:
     if not 100 <= head.status <= 999:
-        raise ValueError("status must be 100..999")
+        raise HeadNotEncodable("status must be 100..999", HeadPart.STATUS)
     if len(head.reason) > 0xFF:
-        raise ValueError("reason must be at most 255 octets")
+        raise HeadNotEncodable("reason must be at most 255 octets", HeadPart.REASON)
+    _header_block_size(head.headers)
     out = [_STATUS.pack(head.status, len(head.reason)), head.reason]
     _encode_header_block(head.headers, out)
     return b"".join(out)
 
 
 def encode_trailers(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    _header_block_size(headers)
     out: list[bytes] = []
     _encode_header_block(headers, out)
     return b"".join(out)

@@ -32,6 +32,7 @@ import trio
 from protocol import ErrorCode, LocalProtocolError, RequestHead, ResponseHead
 
 from .allowlist import Allowlist
+from .inspector import Capture, Inspector
 from .logs import Access, AccessLog, request_id_of
 from .mux import MuxStream, StreamReset
 from .passthrough import pump, upgrade_offer, with_upgrade
@@ -167,6 +168,7 @@ class _Exchange:
         self.log_path = _log_path(head.target)
         self.status: int | None = None
         self.note = ""
+        self.reason = ""  # the text of a response the agent made itself (the dashboard's refusals)
         self.relay_reset: StreamReset | None = None
         self.finished = False  # our direction is complete or we reset it ourselves
         self.content_length: int | None = None  # framing of the upstream request body
@@ -517,6 +519,7 @@ class _Exchange:
 
     async def reply_error(self, status: int, text: str) -> None:
         """A complete response made by the agent (text/plain), e.g. 403 or 502."""
+        self.reason = text.strip()
         body = text.encode("utf-8", "backslashreplace")
         headers = (
             (b"Content-Type", b"text/plain; charset=utf-8"),
@@ -565,6 +568,7 @@ class ExchangeHandler:
         self.allowlist = allowlist
         self.response_timeout = response_timeout
         self.on_exchange: Callable[[Access], None] | None = None  # each exchange's access record (metrics)
+        self.inspector: Inspector | None = None  # --inspect: record each exchange (the one hook, __call__)
         self.pool = UpstreamPool(
             self.address,
             connect_timeout=connect_timeout,
@@ -578,6 +582,12 @@ class ExchangeHandler:
             stream.reset(ErrorCode.PROTOCOL_ERROR)
             return
         started = trio.current_time()
+        capture: Capture | None = None
+        if self.inspector is not None:
+            capture = self.inspector.begin(
+                "agent", head.method, head.target, head.headers, request_id=request_id_of(head.headers)
+            )
+            stream = capture.tap(stream, stream.peer_name)
         exchange = _Exchange(self, stream, head)
         try:
             # The relay may abandon the stream while we wait on the upstream: cancel at once whatever we wait on.
@@ -591,9 +601,11 @@ class ExchangeHandler:
             if scope.cancelled_caught and not exchange.finished and exchange.relay_reset is None:
                 exchange.relay_reset = stream.error
         finally:
-            self._log(exchange, stream, started)
+            access = self._log(exchange, stream, started)
+            if capture is not None:
+                capture.finish(access)
 
-    def _log(self, exchange: _Exchange, stream: MuxStream, started: float) -> None:
+    def _log(self, exchange: _Exchange, stream: MuxStream, started: float) -> Access:
         note = exchange.note
         if exchange.relay_reset is not None:
             note = str(exchange.relay_reset)  # "stream reset (peer, CANCEL)", or the link's end
@@ -608,6 +620,7 @@ class ExchangeHandler:
             duration_ms=round((trio.current_time() - started) * 1000, 3),
             # Set by the relay; sanitized: not trusted. Only the log shows it.
             request_id=request_id_of(exchange.head.headers) if (logged := access_log.enabled) else None,
+            note=f"{note}: {exchange.reason}" if exchange.reason else note or None,
         )
         if logged:
             access_log.write(
@@ -620,6 +633,7 @@ class ExchangeHandler:
             )
         if self.on_exchange is not None:
             self.on_exchange(access)
+        return access
 
     async def run(self) -> None:
         """Close idle upstream connections as they expire; runs until cancelled."""

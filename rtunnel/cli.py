@@ -20,6 +20,7 @@ import trio
 
 from . import __version__
 from .admin import DEFAULT_ADMIN, AdminServer, parse_admin_address, run_status
+from .adminauth import is_loopback
 from .config import (
     ConfigError,
     TokenGroup,
@@ -32,8 +33,11 @@ from .config import (
 )
 from .configfile import TUNNEL_NAME, TunnelSpec, describe_error, tunnel_token_env
 from .configfile import parse_args as parse_args_with_config
+from .dashboard import Dashboard, Replayer
+from .inspector import DEFAULT_MAX_BODY, Inspector
 from .logs import LOG_FORMATS, flush_periodically
 from .logs import setup as setup_logging
+from .redact import DEFAULT_WORDS, Redactor
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -158,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=f"the admin endpoint of `serve --admin` or `dial --admin` (default {DEFAULT_ADMIN})",
     )
+    status.add_argument(
+        "--admin-token", metavar="TOKEN", help="its --admin-token (or set RTUNNEL_ADMIN_TOKEN)"
+    )
 
     commands.add_parser("demo", help="start a relay, an agent and a sample service on localhost")
     return parser
@@ -273,15 +280,81 @@ def _config_and_admin_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin",
         metavar="[HOST:]PORT",
-        help="serve /healthz /readyz /metrics /status.json here (host default 127.0.0.1; off by default)",
+        help="serve the dashboard, /healthz /readyz /metrics /status.json here (host default 127.0.0.1; "
+        "off by default)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help="require this token (Bearer, or the login form) on every admin path but /healthz and /readyz "
+        "(or set RTUNNEL_ADMIN_TOKEN)",
+    )
+    parser.add_argument(
+        "--inspect",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="keep the last N exchanges for the inspector page (default 0: off; needs --admin)",
+    )
+    parser.add_argument(
+        "--inspect-max-body",
+        type=_size,
+        default=DEFAULT_MAX_BODY,
+        metavar="BYTES",
+        help="capture at most this much of each body (default 64K)",
+    )
+    parser.add_argument(
+        "--inspect-redact",
+        metavar="WORD[,WORD]",
+        default=",".join(DEFAULT_WORDS),
+        help="redact headers, query parameters and JSON fields whose name contains one of these words "
+        f"(default {','.join(DEFAULT_WORDS)}; Authorization, Cookie and the tokens always are)",
     )
 
 
-def _admin_server(args: argparse.Namespace, metrics: Metrics) -> AdminServer | None:
+def _admin_server(
+    args: argparse.Namespace,
+    metrics: Metrics,
+    secrets: Sequence[bytes],
+    *,
+    info: dict[str, Any],
+    replayer: Replayer | None = None,
+) -> tuple[AdminServer | None, Inspector | None]:
+    """The admin endpoint, and the inspector it shows (--inspect); refuses an inspector open to others."""
+    token = args.admin_token or os.environ.get("RTUNNEL_ADMIN_TOKEN") or None
     if args.admin is None:
-        return None
+        if args.inspect or args.admin_token:
+            raise ConfigError(f"{'--inspect' if args.inspect else '--admin-token'} needs --admin")
+        return None, None
     host, port = parse_admin_address(args.admin)
-    return AdminServer(metrics, host, port)
+    if token is not None:
+        _check_admin_token(token)
+    inspector = None
+    if args.inspect:
+        if token is None and not is_loopback(host):
+            raise ConfigError(
+                f"--inspect with --admin {args.admin} (not a loopback address) needs --admin-token or "
+                "$RTUNNEL_ADMIN_TOKEN: captured requests would be open to anyone who can reach it"
+            )
+        words = [word.strip() for word in args.inspect_redact.split(",") if word.strip()]
+        known = [*secrets, *([token.encode()] if token else [])]
+        inspector = Inspector(
+            args.inspect, max_body=args.inspect_max_body, redactor=Redactor(words, secrets=known)
+        )
+    dashboard = Dashboard(
+        metrics,
+        inspector=inspector,
+        replayer=replayer if inspector is not None else None,
+        info=info,
+    )
+    return AdminServer(metrics, host, port, token=token, dashboard=dashboard), inspector
+
+
+def _check_admin_token(token: str) -> None:
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        raise ConfigError("admin token: printable ASCII without spaces")
+    if len(token) < 16:
+        raise ConfigError("admin token: at least 16 characters (e.g. `openssl rand -hex 16`)")
 
 
 async def _run_with_admin(admin: AdminServer | None, run: Callable[[], Awaitable[None]]) -> None:
@@ -315,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(args.log_level, args.log_format, access=getattr(args, "access_log", "on") == "on")
     if args.command == "status":
-        return run_status(args.admin)
+        return run_status(args.admin, args.admin_token)
     try:
         if args.command == "serve":
             runner = _serve_runner(args)
@@ -377,7 +450,16 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     )
     relay = Relay(config)
     token_file = args.token_file
-    admin = _admin_server(args, relay.metrics)
+    from .replay import ReplayClient
+
+    secrets = [g.token for g in groups] + [t.token for t in config.tunnels if t.token is not None]
+    admin, relay.inspector = _admin_server(
+        args,
+        relay.metrics,
+        secrets,
+        info={"tunnels": [t.name for t in config.tunnels]},
+        replayer=ReplayClient(lambda: relay.http_address),
+    )
     grace = args.grace
 
     async def run() -> None:
@@ -518,7 +600,10 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         connect = functools.partial(transport.connect, extra_headers=((TUNNEL_HEADER, args.tunnel),))
     agent = Agent(config, handler, connect=connect)
     handler.on_exchange = agent.metrics.record_exchange
-    admin = _admin_server(args, agent.metrics)
+    info = {"allowlist": [rule.text for rule in allowlist.rules], "upstream": args.upstream}
+    admin, handler.inspector = _admin_server(
+        args, agent.metrics, [token.encode()] if token else [], info=info
+    )
     grace = args.grace
 
     async def run() -> None:

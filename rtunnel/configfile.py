@@ -43,7 +43,7 @@ __all__ = [
 # Options that make no sense inside a file.
 _NOT_KEYS: Final = frozenset({"help", "version", "config", "command"})
 # Keys whose value is secret: never echoed in an error message.
-SECRET_KEYS: Final = frozenset({"token"})
+SECRET_KEYS: Final = frozenset({"token", "admin_token"})
 # Alternatives: one of them on the command line replaces every one of them from the file.
 ALTERNATIVES: Final = (("token", "token_file"),)
 # Pairs that cannot both be set.

@@ -23,7 +23,13 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["HeadChecker", "check_raw_head"]
+import h11
+
+__all__ = ["MAX_CHUNK_SIZE", "HeadChecker", "check_raw_head", "chunk_left"]
+
+# The largest chunk-size accepted (as nginx: the largest file offset). h11 takes up to 20 hex digits (2^80),
+# so a chunk "larger" than any body could be, e.g. ffffffffffffffff, would otherwise be streamed as one.
+MAX_CHUNK_SIZE: Final = 2**63 - 1
 
 # Names that, spelled with "_" instead of "-", must never reach the upstream.
 _UNDERSCORE_SPOOFS: Final = frozenset(
@@ -122,3 +128,14 @@ def check_raw_head(buffer: bytes) -> tuple[int, str] | None:
     checker = HeadChecker()
     checker.feed(buffer)
     return checker.problem
+
+
+def chunk_left(conn: h11.Connection) -> int:
+    """Octets of the current chunk of a chunked body that the peer of `conn` has still to send, as its
+    chunk-size line declared them (0 outside a chunk).
+
+    h11 keeps the declared size to itself: this reads its chunked reader's count, which
+    tests/rtunnel/test_relay_limits.py checks against real chunk-size lines, so a change in h11 shows."""
+    reader = getattr(conn, "_reader", None)
+    left = getattr(reader, "_bytes_in_chunk", 0)
+    return left if isinstance(left, int) else 0

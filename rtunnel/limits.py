@@ -66,7 +66,9 @@ class AuthThrottle:
         window: float = 60.0,
         *,
         max_addresses: int = 10_000,
+        what: str = "agent authentications",
     ) -> None:
+        self.what = what  # for the log line
         self.max_failures = max_failures
         self.window = window
         self.max_addresses = max_addresses
@@ -101,8 +103,9 @@ class AuthThrottle:
         if len(times) >= self.max_failures and address not in self._logged:
             self._logged.add(address)
             log.warning(
-                "%d failed agent authentications from %s within %g s: refusing it with 429 for a while",
+                "%d failed %s from %s within %g s: refusing it with 429 for a while",
                 len(times),
+                self.what,
                 address,
                 self.window,
             )

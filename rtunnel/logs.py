@@ -82,7 +82,8 @@ class Access:
     """One exchange as the access log and the metrics see it.
 
     bytes_in is the request body (client to upstream), bytes_out the response body; status is None when no
-    response head was sent (the exchange was reset first).
+    response head was sent (the exchange was reset first). note says why it failed or was refused, when this
+    end knows (the dashboard's last errors); the access line carries it separately.
     """
 
     method: str
@@ -92,6 +93,7 @@ class Access:
     bytes_out: int
     duration_ms: float
     request_id: str | None
+    note: str | None = None
 
     def extra(self, **more: object) -> dict[str, object]:
         # Built by hand: dataclasses.asdict deep-copies and showed up in profiles of small requests.

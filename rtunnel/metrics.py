@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .activity import Activity
 from .logs import Access
 from .mux import Multiplexer
 
@@ -54,6 +55,7 @@ class Metrics:
         self.links: dict[Multiplexer, Link] = {}
         self.draining = False  # set on SIGTERM: not ready any more, whatever is connected
         self._retired_stalls = 0
+        self.activity = Activity(role)  # the dashboard's rates and last errors
         # The *_created series double the page for no use here (and are process-wide anyway).
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
@@ -118,6 +120,7 @@ class Metrics:
         if access.bytes_out:
             self._response_bytes.inc(access.bytes_out)
         self.duration.observe(access.duration_ms / 1000)
+        self.activity.record(access)
 
     # -- reading ------------------------------------------------------------------------------------------
 

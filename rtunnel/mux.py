@@ -32,7 +32,6 @@ from protocol import (
     GoAwayReceived,
     HandshakeComplete,
     Limits,
-    LocalProtocolError,
     PingAcknowledged,
     RemoteProtocolError,
     ReplyReceived,
@@ -169,6 +168,11 @@ class MuxStream:
         self.bytes_sent += len(data)
         self._mux._wake_writer()
 
+    @property
+    def send_would_wait(self) -> bool:
+        """send_data would wait for the peer's window: this stream's unsent data is at its high water."""
+        return self._mux._conn.outbound_buffered(self.stream_id) >= SEND_HIGH_WATER
+
     async def send_end(self) -> None:
         await self.send_data(b"", end_stream=True)
 
@@ -222,6 +226,11 @@ class MuxStream:
             mux._conn.acknowledge_received_data(self.stream_id, size)
             mux._wake_writer()
         return bytes(chunk)
+
+    @property
+    def peer_name(self) -> str:
+        """The name of the connection the stream belongs to (e.g. "relay wss://...")."""
+        return self._mux.name
 
     @property
     def at_eof(self) -> bool:
@@ -378,17 +387,17 @@ class Multiplexer:
         await self._ready.wait()
 
     async def open_stream(self, head: RequestHead, *, end_stream: bool = False) -> MuxStream:
-        """Open a stream carrying `head`; waits while the peer's concurrent-stream limit is reached."""
+        """Open a stream carrying `head`; waits while the peer's concurrent-stream limit is reached.
+
+        MuxClosed: the connection is closed or draining, never to take a stream again. HeadNotEncodable
+        (protocol's): this head cannot go over this connection; the connection itself is fine."""
         while True:
             if self._closed or self.goaway_received:
                 raise MuxClosed(self.close_reason or "connection is draining")
             if self._conn.can_open_stream:
                 break
             await self._wait_stream_slot()
-        try:
-            stream_id = self._conn.open_stream(head, end_stream=end_stream)
-        except LocalProtocolError as exc:
-            raise MuxClosed(str(exc)) from None
+        stream_id = self._conn.open_stream(head, end_stream=end_stream)
         stream = MuxStream(self, stream_id, None)
         self._streams[stream_id] = stream
         self._wake_writer()

@@ -89,7 +89,9 @@ class AgentRegistry:
     ) -> tuple[Multiplexer, MuxStream]:
         """Open a stream for one exchange on the least-loaded agent, waiting for one to connect if needed.
 
-        `avoid`: an agent to use only if no other can take the exchange (a retry goes elsewhere if it can)."""
+        `avoid`: an agent to use only if no other can take the exchange (a retry goes elsewhere if it can).
+        A head the wire format cannot carry raises protocol's HeadNotEncodable at once: no agent would take
+        it, so it is not retried."""
         deadline = trio.current_time() + (self.agent_wait if wait is None else wait)
         waited_for_another = avoid is None
         while True:
@@ -107,7 +109,13 @@ class AgentRegistry:
                     with trio.move_on_at(deadline):
                         return mux, await mux.open_stream(head, end_stream=end_stream)
                 except MuxClosed:
-                    continue  # it started draining or died between pick and open: try another
+                    # It started draining or died between pick and open: pick() skips it from now on, so the
+                    # next round sees a changed table. The checkpoint and the deadline make sure that even a
+                    # round that changed nothing cannot keep this task from yielding.
+                    if trio.current_time() >= deadline:
+                        raise NoAgentAvailable("every agent closed or started draining") from None
+                    await trio.lowlevel.checkpoint()
+                    continue
                 raise NoAgentAvailable("every agent is at its concurrent-stream limit")
             if trio.current_time() >= deadline:
                 raise NoAgentAvailable("no agent is connected")

@@ -22,6 +22,7 @@ from protocol import RemoteProtocolError, Role, Settings
 
 from . import transport
 from .config import TokenGroup
+from .inspector import Inspector
 from .limits import AuthThrottle, Counter
 from .metrics import Metrics
 from .mux import LinkDead, Multiplexer, close_code
@@ -111,6 +112,7 @@ class Relay:
             if t.token is not None
         }
         self.metrics = Metrics("relay")
+        self.inspector: Inspector | None = None  # --inspect: every client connection records into it
         self.http_address: tuple[str, int] | None = None
         self.agents_address: tuple[str, int] | None = None
         self._draining = False
@@ -131,6 +133,11 @@ class Relay:
         self._connections = Counter(total=limits.max_connections, per_key=limits.max_connections_per_ip)
         self._exchanges = Counter(per_key=limits.max_exchanges_per_ip)
         self._refusals_logged: set[str] = set()
+
+    @property
+    def connection_count(self) -> int:
+        """Client connections on the HTTP listener, as counted against --max-connections."""
+        return self._connections.total
 
     @property
     def registry(self) -> AgentRegistry:
@@ -367,6 +374,8 @@ class Relay:
         except OSError:
             return
         refused = self._connections.acquire(client_ip)
+        if refused == "total" and self._reclaim_idle_connection():
+            refused = self._connections.acquire(client_ip)
         if refused is not None:
             if refused not in self._refusals_logged:
                 self._refusals_logged.add(refused)  # once per kind: a flood must not flood the log too
@@ -377,12 +386,26 @@ class Relay:
                 )
             await _refuse_connection(stream)
             return
-        try:
-            await self._serve_client(stream, client_ip)
-        finally:
-            self._connections.release(client_ip)
+        await self._serve_client(stream, client_ip)
+
+    def _reclaim_idle_connection(self) -> bool:
+        """At the total connection limit: close the connection idle the longest (between requests, or
+        before its first), as nginx reuses keep-alive connections, so that a new client is served rather
+        than refused because others keep connections open. Its slot is free at once."""
+        idle = [connection for connection in self._clients if connection.idle_since is not None]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda connection: connection.idle_since or 0.0)
+        oldest.reclaim()
+        self._connections.release(oldest.client_ip)
+        if "reclaim" not in self._refusals_logged:
+            self._refusals_logged.add("reclaim")  # once: under a flood this happens for every connection
+            log.warning("connection limit reached: closing the longest idle connections to serve new ones")
+        return True
 
     async def _serve_client(self, stream: trio.SocketStream, client_ip: str) -> None:
+        """Serve one client connection, which holds a slot of self._connections (given back at the end,
+        unless it was reclaimed, which gave it back already)."""
         connection = ClientConnection(
             stream,
             self.router,
@@ -391,18 +414,23 @@ class Relay:
             on_exchange=self.metrics.record_exchange,
             exchanges=self._exchanges,
         )
-        with trio.CancelScope() as scope:
-            if self._draining:
-                return  # accepted just before the listener closed
-            self._clients[connection] = scope
-            try:
-                await connection.serve()
-            except Exception:
-                # One client's bug must never take the listener (and every other client) down.
-                log.exception("client %s: unexpected error", client_ip)
-            finally:
-                del self._clients[connection]
-                self._notify_clients()
+        connection.inspector = self.inspector
+        try:
+            with trio.CancelScope() as scope:
+                if self._draining:
+                    return  # accepted just before the listener closed
+                self._clients[connection] = scope
+                try:
+                    await connection.serve()
+                except Exception:
+                    # One client's bug must never take the listener (and every other client) down.
+                    log.exception("client %s: unexpected error", client_ip)
+                finally:
+                    del self._clients[connection]
+                    self._notify_clients()
+        finally:
+            if not connection.reclaimed:
+                self._connections.release(client_ip)
 
 
 _OVERLOADED = (

@@ -11,16 +11,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import h11
 import trio
 
-from protocol import ErrorCode, RequestHead
+from protocol import ErrorCode, HeadNotEncodable, HeadPart, RequestHead, request_head_size
 
 from . import fastsend
-from .httpstrict import HeadChecker
+from .httpstrict import MAX_CHUNK_SIZE, HeadChecker, chunk_left
+from .inspector import Capture, Inspector
 from .limits import Counter
 from .logs import Access, AccessLog, pick_request_id, with_request_id
 from .mux import Multiplexer, MuxStream, StreamReset
@@ -51,6 +53,8 @@ FEED_SIZE = 4096
 # A chunk-size line (size + chunk extensions) or trailer section longer than this is refused with 400
 # (RFC 9112 7.1.1: a server ought to limit chunk extensions). Extensions are never forwarded anyway.
 MAX_CHUNK_LINE = 8192
+# A request body's pump gives way to other tasks after this many chunks parsed from data already read.
+YIELD_EVERY = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,17 @@ class HttpLimits:
     # Stream data buffered in the relay (received from agents and not yet written to clients, plus request
     # bodies queued toward agents), across all agents; above it new exchanges get 503 until it drains.
     max_buffered_bytes: int | None = 256 * 1024 * 1024
+
+
+# The status for each part of a request head the tunnel cannot carry. A method longer than any the relay
+# knows is one it does not implement (RFC 9110 15.6.2); the wire's limits come from protocol alone.
+_UNENCODABLE: dict[HeadPart, tuple[int, str]] = {
+    HeadPart.METHOD: (501, "method too long"),
+    HeadPart.TARGET: (414, "request-target too long"),
+    HeadPart.HEADER: (431, "request header field too large"),
+    HeadPart.HEADER_COUNT: (431, "too many request headers"),
+    HeadPart.SIZE: (431, "request head too large"),
+}
 
 
 class _ClientGone(Exception):
@@ -118,6 +133,30 @@ class ClientConnection:
         self._nursery: trio.Nursery | None = None  # the connection's, for a late client watcher
         self._watch_at: float | None = None  # a bodiless exchange's time to start watching the client
         self._watcher: tuple[trio.CancelScope, trio.Event] | None = None  # (its scope, set once it ended)
+        self.inspector: Inspector | None = None  # --inspect: record each exchange (the one hook, _exchange)
+        self._capture: Capture | None = None
+        self._error_note: str | None = None  # why the relay answered with an error itself (dashboard)
+        # Waiting for the first byte of a request since then (None: not idle). At its connection limit the
+        # relay closes the longest idle connection to serve a new one (reclaim).
+        self.idle_since: float | None = None
+        self.reclaimed = False
+        self._idle_scope: trio.CancelScope | None = None
+
+    @property
+    def client_ip(self) -> str:
+        return self._client_ip
+
+    def reclaim(self) -> bool:
+        """Close this connection if it is idle between requests; False if it is not idle.
+
+        Closed for good even if a request's first bytes arrive in the same instant: to its client this is
+        the usual keep-alive race (a reused connection closed before any response), which clients handle."""
+        if self._idle_scope is None:
+            return False
+        self._idle_scope.cancel()
+        self._idle_scope = self.idle_since = None
+        self.reclaimed = True
+        return True
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -191,10 +230,14 @@ class ClientConnection:
         if self._h11.their_state is h11.IDLE and not self._has_pending_input():
             # A keep-alive connection between requests: idle time is allowed, up to idle_timeout. The head
             # clock (head_timeout) starts with the first byte of the next request.
-            with trio.move_on_after(self._limits.idle_timeout):
-                await self._receive_more()
-            if not self._has_pending_input():
-                return None  # idle too long: close quietly
+            with trio.move_on_after(self._limits.idle_timeout) as idle:
+                self._idle_scope, self.idle_since = idle, trio.current_time()
+                try:
+                    await self._receive_more()
+                finally:
+                    self._idle_scope = self.idle_since = None
+            if self.reclaimed or not self._has_pending_input():
+                return None  # idle too long, or reclaimed: close quietly
         try:
             with trio.fail_after(self._limits.head_timeout):
                 event = await self._next_head_event()
@@ -229,6 +272,11 @@ class ClientConnection:
     async def _exchange(self, request: h11.Request) -> bool:
         started = trio.current_time()
         self._request_id = pick_request_id(request.headers.raw_items())
+        if self.inspector is not None:
+            self._capture = self.inspector.begin(
+                "relay", request.method, request.target, request.headers.raw_items(),
+                request_id=self._request_id, client=self._client_ip,
+            )  # fmt: skip
         problem = self._check_request(request)
         if problem is not None:
             status, reason = problem
@@ -252,13 +300,17 @@ class ClientConnection:
         offer = None
         if not has_body and request.http_version == b"1.1":
             offer = upgrade_offer(request.headers.raw_items())
+        head = self._build_head(request, route, offer)
+        try:
+            request_head_size(head)  # what the tunnel cannot carry is refused before waiting for an agent
+        except HeadNotEncodable as exc:
+            return await self._refuse_head(request, exc, started)
         refusal = self._admit()
         if refusal is not None:
             status, reason = refusal
             await self._send_error(status, reason, retry_after=True)
             self._log(request, status, 0, 0, started)
             return self._h11.their_state is h11.DONE
-        head = self._build_head(request, route, offer)
         replay = _Replay()
         attempt = possibly_processed = 0
         mux: Multiplexer | None = None  # the agent of the previous attempt
@@ -269,11 +321,15 @@ class ClientConnection:
                 # the client's bytes.
                 end_stream = not has_body and offer is None
                 mux, stream = await route.registry.open_exchange(head, end_stream=end_stream, avoid=mux)
+                if self._capture is not None:
+                    stream = self._capture.tap(stream, mux.name)
             except NoAgentAvailable as exc:
                 what = "no agent available" if route.tunnel is None else f"tunnel {route.tunnel!r}"
                 await self._send_error(503, f"{what}: {exc}", retry_after=True)
                 self._log(request, 503, 0, 0, started)
                 return self._h11.their_state is h11.DONE
+            except HeadNotEncodable as exc:  # over the MAX_HEAD_SIZE of the agent picked
+                return await self._refuse_head(request, exc, started)
             try:
                 outcome = await self._run_exchange(request, stream, has_body, replay, mux, offer is not None)
             finally:
@@ -298,6 +354,13 @@ class ClientConnection:
             if outcome.abort:
                 raise _Abort
             return outcome.keep_alive
+
+    async def _refuse_head(self, request: h11.Request, exc: HeadNotEncodable, started: float) -> bool:
+        """A head the tunnel's wire format cannot carry (SPEC 5): the status that fits, and close."""
+        status, reason = _UNENCODABLE.get(exc.part, (400, "request head cannot be forwarded"))
+        await self._send_error(status, f"{reason} ({exc})", close=True)
+        self._log(request, status, 0, 0, started)
+        return False
 
     async def _run_exchange(
         self,
@@ -433,7 +496,6 @@ class ClientConnection:
         await trio.sleep_forever()
 
     async def _pump_request_body(self, stream: MuxStream, outcome: _Outcome, replay: _Replay) -> None:
-        limit = self._limits.max_body_size
         try:
             if replay.held or replay.complete:
                 # A retry: first what the earlier attempt had already read from the client.
@@ -446,46 +508,85 @@ class ClientConnection:
                     else:
                         await stream.send_end()
                     return
-            while True:
-                try:
-                    with trio.fail_after(self._limits.body_timeout):
-                        event = await self._next_event()
-                except h11.RemoteProtocolError as exc:
-                    outcome.body_error = f"malformed request body: {exc}"
-                    stream.reset(ErrorCode.CANCEL)
-                    return
-                except trio.TooSlowError:
-                    outcome.body_error = f"request body stalled for {self._limits.body_timeout:g} s"
-                    outcome.body_status = 408
-                    stream.reset(ErrorCode.CANCEL)
-                    return
-                if isinstance(event, h11.Data):
-                    outcome.bytes_in += len(event.data)
-                    replay.hold(event.data)
-                    if limit is not None and outcome.bytes_in > limit:
-                        outcome.body_error = "request body too large"
-                        outcome.body_status = 413
-                        stream.reset(ErrorCode.CANCEL)
-                        return
-                    await stream.send_data(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    replay.complete = True
-                    replay.trailers = list(event.headers.raw_items())
-                    if event.headers:
-                        await stream.send_trailers(list(event.headers.raw_items()))
-                    else:
-                        await stream.send_end()
-                    return
-                else:
-                    outcome.body_error = "client closed the connection mid-body"
-                    outcome.client_gone = True
-                    stream.reset(ErrorCode.CANCEL)
-                    return
+            with trio.CancelScope() as stall:
+                await self._pump_client_body(stream, outcome, replay, stall)
+            if stall.cancelled_caught:
+                outcome.body_error = f"request body stalled for {self._limits.body_timeout:g} s"
+                outcome.body_status = 408
+                stream.reset(ErrorCode.CANCEL)
         except _ClientGone:
             outcome.client_gone = True
             stream.reset(ErrorCode.CANCEL)
         except StreamReset:
             return  # the response side reports it; the agent may have answered without the body
+
+    async def _pump_client_body(
+        self, stream: MuxStream, outcome: _Outcome, replay: _Replay, stall: trio.CancelScope
+    ) -> None:
+        """The body from the client to the agent, under one deadline (`stall`): body_timeout past the last
+        progress. Moving a deadline costs more than parsing a small chunk, so it moves only once progress
+        has eaten 1/16 of it (a stall is caught within 15/16..1 of body_timeout), and not at all for a
+        body that keeps arriving in tiny chunks. Time spent waiting for the agent's window is not the
+        client's: the deadline is off meanwhile."""
+        limit = self._limits.max_body_size
+        timeout = self._limits.body_timeout
+        moved = trio.current_time()
+        stall.deadline = moved + timeout
+        unyielded = 0  # events handled since this task last gave way to others
+        while True:
+            try:
+                event = await self._next_event()
+            except h11.RemoteProtocolError as exc:
+                outcome.body_error = f"malformed request body: {exc}"
+                stream.reset(ErrorCode.CANCEL)
+                return
+            if isinstance(event, h11.Data):
+                outcome.bytes_in += len(event.data)
+                replay.hold(event.data)
+                # A chunk is judged by its declared size, before it is forwarded: beyond what any body can
+                # be it is malformed (400), beyond --max-body-size the body is too large (413).
+                # (The first data of a chunk has its whole declared size in len(data) + what is left.)
+                left = chunk_left(self._h11) if self._chunked else 0
+                declared = outcome.bytes_in + left
+                if left + len(event.data) > MAX_CHUNK_SIZE:
+                    outcome.body_error = "malformed request body: chunk size out of range"
+                    stream.reset(ErrorCode.CANCEL)
+                    return
+                if limit is not None and declared > limit:
+                    outcome.body_error = "request body too large"
+                    outcome.body_status = 413
+                    stream.reset(ErrorCode.CANCEL)
+                    return
+                if stream.send_would_wait:
+                    stall.deadline = math.inf
+                    await stream.send_data(event.data)
+                    stall.deadline = trio.current_time() + timeout
+                else:
+                    await stream.send_data(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                replay.complete = True
+                replay.trailers = list(event.headers.raw_items())
+                if event.headers:
+                    await stream.send_trailers(list(event.headers.raw_items()))
+                else:
+                    await stream.send_end()
+                return
+            else:
+                outcome.body_error = "client closed the connection mid-body"
+                outcome.client_gone = True
+                stream.reset(ErrorCode.CANCEL)
+                return
+            now = trio.current_time()
+            if now - moved > timeout / 16:
+                moved = now
+                stall.deadline = now + timeout
+            # Chunks already read are parsed without waiting for the network (one 64 KiB read holds
+            # ~11,000 one-byte chunks): give way to other connections every few of them, or one body of
+            # tiny chunks starves every other client of this relay.
+            unyielded += 1
+            if unyielded >= YIELD_EVERY:
+                unyielded = 0
+                await trio.lowlevel.checkpoint()
 
     async def _relay_response(
         self, request: h11.Request, stream: MuxStream, outcome: _Outcome, wants_continue: bool, upgrade: bool
@@ -647,6 +748,7 @@ class ClientConnection:
     ) -> None:
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
+        self._error_note = reason
         body = (reason + "\n").encode()
         headers: list[tuple[bytes, bytes]] = [
             (b"Content-Type", b"text/plain; charset=utf-8"),
@@ -684,7 +786,9 @@ class ClientConnection:
             bytes_out=bytes_out,
             duration_ms=round((trio.current_time() - started) * 1000, 3),
             request_id=self._request_id,
+            note=self._error_note,
         )
+        self._error_note = None
         if access_log.enabled:
             access_log.write(
                 f"{self._client_ip} {access.method} {path} {status:d} in={bytes_in:d} out={bytes_out:d} "
@@ -695,3 +799,6 @@ class ClientConnection:
             )
         if self._on_exchange is not None:
             self._on_exchange(access)
+        if self._capture is not None:
+            self._capture.finish(access)
+            self._capture = None

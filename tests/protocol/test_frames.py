@@ -14,7 +14,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import protocol
-from protocol import ErrorCode, FrameType, Headers, RemoteProtocolError, RequestHead, ResponseHead
+from protocol import (
+    ErrorCode,
+    FrameType,
+    Headers,
+    HeadNotEncodable,
+    RemoteProtocolError,
+    RequestHead,
+    ResponseHead,
+)
 from protocol import _frames as F
 
 # -- strategies -----------------------------------------------------------------------------------
@@ -234,8 +242,8 @@ def test_head_limits_at_their_edges() -> None:
         lambda: F.encode_trailers([(b"h", b"")] * 0x10000),
     ],
 )
-def test_unencodable_heads_raise_value_error(encode: object) -> None:
-    with pytest.raises(ValueError):
+def test_unencodable_heads_raise_head_not_encodable(encode: object) -> None:
+    with pytest.raises(HeadNotEncodable):
         encode()  # type: ignore[operator]
 
 
@@ -341,3 +349,30 @@ def test_heads_cross_a_connection_verbatim(
         protocol.TrailersReceived(sid, dup_headers),
         protocol.StreamEnded(sid),
     ]
+
+
+@given(
+    method=st.binary(min_size=0, max_size=300),
+    target=st.binary(min_size=0, max_size=70_000).filter(lambda t: len(t) < 300 or len(t) > 0xFFFF),
+    headers=st.lists(st.tuples(st.binary(max_size=3), st.binary(max_size=3)), max_size=3),
+)
+def test_request_head_size_is_the_open_payload_size_or_names_the_part_that_does_not_fit(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    head = RequestHead(method, target, tuple(headers))
+    try:
+        size = protocol.request_head_size(head)
+    except HeadNotEncodable as exc:
+        with pytest.raises(HeadNotEncodable) as again:
+            F.encode_request_head(head)
+        assert again.value.part is exc.part
+        expected = (
+            protocol.HeadPart.METHOD
+            if not 1 <= len(method) <= 255
+            else protocol.HeadPart.TARGET
+            if not 1 <= len(target) <= 0xFFFF
+            else protocol.HeadPart.HEADER
+        )
+        assert exc.part is expected
+    else:
+        assert size == len(F.encode_request_head(head))

@@ -15,8 +15,9 @@ have been sent. It answers ``200`` with ``METHOD TARGET`` and the body length, e
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 import h11
@@ -32,6 +33,35 @@ from rtunnel.relay_http import ClientConnection, HttpLimits
 from .memtransport import memory_transport_pair
 
 TIMEOUT = 10.0
+
+
+class Frozen(Exception):
+    """The event loop stopped running other tasks: some task loops without ever reaching a checkpoint."""
+
+
+@contextmanager
+def unless_frozen(seconds: float = 30.0) -> Iterator[None]:
+    """Fail instead of hanging when a task never yields. A trio timeout cannot fire then (nothing runs the
+    scheduler), so this is a real-time alarm signal, delivered to whatever Python code runs at the time; the
+    block then fails with Frozen, whatever that code made of the interruption."""
+    fired = False
+
+    def alarm(signum: int, frame: object) -> None:
+        nonlocal fired
+        fired = True
+        raise Frozen(f"no progress for {seconds:g} s of real time: a task loops without yielding")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if fired:
+            raise Frozen(
+                f"the event loop froze for {seconds:g} s of real time (a task loops without yielding)"
+            )
 
 
 @dataclass
@@ -206,7 +236,11 @@ class Rig:
 
 @asynccontextmanager
 async def relay_rig(
-    limits: HttpLimits | None = None, *, with_agent: bool = True, agent_wait: float = 0.0
+    limits: HttpLimits | None = None,
+    *,
+    with_agent: bool = True,
+    agent_wait: float = 0.0,
+    agent_settings: Settings | None = None,
 ) -> AsyncIterator[Rig]:
     limits = limits or HttpLimits()
     registry = AgentRegistry(agent_wait)
@@ -216,7 +250,9 @@ async def relay_rig(
         if with_agent:
             t_relay, t_agent = memory_transport_pair()
             rig.relay_mux = Multiplexer(t_relay, Role.ACCEPTOR, settings=Settings(max_concurrent_streams=0))
-            agent_mux = Multiplexer(t_agent, Role.DIALER, handler=agent)
+            agent_mux = Multiplexer(
+                t_agent, Role.DIALER, handler=agent, settings=agent_settings or Settings()
+            )
             nursery.start_soon(agent_mux.run)
             await nursery.start(rig.relay_mux.run)
             registry.add(rig.relay_mux)

@@ -7,6 +7,7 @@ autojump clock, so a 30 s slowloris costs no wall time.
 
 from __future__ import annotations
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -104,6 +105,12 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ("chunk-size-0x", b"0x5\r\nhello\r\n0\r\n\r\n"),
     ("chunk-size-empty", b"\r\nhello\r\n0\r\n\r\n"),
     ("chunk-size-21-digits", b"0" * 20 + b"5\r\nhello\r\n0\r\n\r\n"),
+    # Sizes beyond what a body can be (over 2^63 - 1), which h11 accepts up to 20 hex digits: these also
+    # show that httpstrict.chunk_left still reads h11's declared chunk size.
+    ("chunk-size-2^64-1", b"ffffffffffffffff\r\nhello\r\n0\r\n\r\n"),
+    ("chunk-size-2^63", b"8000000000000000\r\nhello\r\n0\r\n\r\n"),
+    ("chunk-size-20-digits", b"f" * 20 + b"\r\nhello\r\n0\r\n\r\n"),
+    ("chunk-size-huge-after-a-chunk", b"5\r\nhello\r\nFFFFFFFFFFFFFFFFF\r\nhello\r\n0\r\n\r\n"),
     ("chunk-line-bare-lf", b"5\nhello\r\n0\r\n\r\n"),
     ("chunk-longer-than-size", b"5\r\nhelloXX\r\n0\r\n\r\n"),
     ("chunk-extension-64k", b"5;" + b"x" * 65536 + b"\r\nhello\r\n0\r\n\r\n"),
@@ -238,6 +245,15 @@ async def test_a_chunked_body_over_the_limit_is_413_and_never_completes_upstream
         assert [s.complete for s in rig.agent.seen] in ([], [False])
         ok = await rig.request(POST + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         assert ok == (200, b"POST /x 5")
+
+
+async def test_a_chunk_declared_over_the_body_limit_is_413_before_any_of_it_is_forwarded() -> None:
+    async with relay_rig(HttpLimits(max_body_size=1000)) as rig:
+        client = await rig.connect()
+        await client.send(POST + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % 5000 + b"x" * 100)
+        status, _, _ = await client.response()
+        assert status == 413
+        assert [(s.body, s.complete) for s in rig.agent.seen] in ([], [(b"", False)])
 
 
 async def test_slowloris_gets_408_at_the_head_timeout_and_others_are_served(
@@ -419,15 +435,17 @@ async def test_the_http_listener_limits_connections_in_total_and_per_address(nur
     assert relay.http_address is not None
     port = relay.http_address[1]
     held = []
-    # No agent: each request is answered 503 "no agent" and the connection stays open (and counted).
+    # Each sends part of a head and stops: busy, not idle, so never reclaimed for a newcomer.
     for source in ("127.0.0.1", "127.0.0.1", "127.0.0.2"):
         stream = await _connect_from(source, port)
-        assert await _status(stream) == (503, False)
+        await stream.send_all(b"GET /x HTTP/1.1\r\n")
         held.append(stream)
+    await _until_counted(relay, 3)
     over_address = await _connect_from("127.0.0.1", port)  # third from one address
     assert await _status(over_address) == (503, True)
     over_total = await _connect_from("127.0.0.3", port)  # fourth in total
     assert await _status(over_total) == (503, True)
+    # No agent: a request is answered 503 "no agent" and the connection stays open (and counted).
     # Closing one frees its slot (the relay notices the close when its handler ends).
     await held.pop().aclose()
     with trio.fail_after(10):
@@ -437,6 +455,54 @@ async def test_the_http_listener_limits_connections_in_total_and_per_address(nur
                 break
             await trio.sleep(0.01)
     for stream in (*held, over_address, over_total, retry):
+        await stream.aclose()
+
+
+async def _until_counted(relay: Relay, connections: int) -> None:
+    with trio.fail_after(10):
+        while relay.connection_count < connections:  # noqa: ASYNC110 (the count is polled, not signalled)
+            await trio.sleep(0.01)
+
+
+async def _answered(stream: trio.SocketStream) -> tuple[int, bool]:
+    """Like _status, reading the whole response (its body too), so the connection can go on."""
+    client = h11.Connection(h11.CLIENT)
+    await stream.send_all(client.send(h11.Request(method="GET", target="/x", headers=[("Host", "a")])) or b"")
+    client.send(h11.EndOfMessage())
+    status, close = 0, False
+    with trio.fail_after(10):
+        while not isinstance(event := client.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                client.receive_data(await stream.receive_some())
+            elif isinstance(event, h11.Response):
+                status, close = event.status_code, (b"connection", b"close") in event.headers
+    return status, close
+
+
+async def test_at_the_connection_limit_the_longest_idle_connection_makes_room(nursery: trio.Nursery) -> None:
+    limits = HttpLimits(max_connections=2, max_connections_per_ip=None)
+    relay = Relay(RelayConfig(http_port=0, agents_port=0, agent_wait=0, http_limits=limits))
+    await nursery.start(relay.run)
+    assert relay.http_address is not None
+    port = relay.http_address[1]
+    # Two keep-alive connections, each idle after one exchange (503: no agent; the connection stays open).
+    oldest = await _connect_from("127.0.0.1", port)
+    assert await _answered(oldest) == (503, False)
+    newer = await _connect_from("127.0.0.1", port)
+    assert await _answered(newer) == (503, False)
+    # A third client, from another address: the relay closes the longest idle connection and serves it.
+    newcomer = await _connect_from("127.0.0.2", port)
+    assert await _answered(newcomer) == (503, False)
+    with trio.fail_after(10):
+        while await oldest.receive_some():  # the rest of its last response, if any, then the close
+            pass
+    assert await _answered(newer) == (503, False)  # the other idle connection was left alone
+    # With every connection busy (a head in progress), nothing is reclaimed: the newcomer is refused.
+    for stream in (newer, newcomer):
+        await stream.send_all(b"GET /x HTTP/1.1\r\n")
+    refused = await _connect_from("127.0.0.3", port)
+    assert await _answered(refused) == (503, True)
+    for stream in (oldest, newer, newcomer, refused):
         await stream.aclose()
 
 
