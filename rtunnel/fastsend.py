@@ -20,29 +20,40 @@ from typing import Final
 
 import trio
 
-__all__ = ["send_all"]
+__all__ = ["send_all", "send_nowait"]
 
 _POSIX: Final = os.name == "posix"
 _slow: set[int] = set()  # id() of streams with a write in trio's send_all right now
 
 
+def send_nowait(
+    stream: trio.abc.SendStream, data: bytes | bytearray | memoryview
+) -> bytes | bytearray | memoryview:
+    """Write what the kernel takes of `data` right now; what is left (empty: all of it went). A stream this
+    module cannot write directly, or one with a write waiting in send_all, takes nothing here."""
+    if not _POSIX or type(stream) is not trio.SocketStream or id(stream) in _slow or not data:
+        return data
+    fd = stream.socket.fileno()  # -1 once closed: never a number another socket may have reused
+    if fd < 0:
+        return data
+    try:
+        sent = os.write(fd, data)
+    except OSError:
+        return data  # EAGAIN, or an error that send_all reports in trio's terms
+    return memoryview(data)[sent:] if sent < len(data) else b""
+
+
 async def send_all(stream: trio.abc.SendStream, data: bytes | bytearray | memoryview) -> None:
     """Like `stream.send_all(data)`; a checkpoint only if the write had to wait (or failed)."""
-    key = id(stream)
-    if not _POSIX or type(stream) is not trio.SocketStream or key in _slow:
-        await stream.send_all(data)  # a second sender meanwhile: trio refuses it, as without this module
+    left = send_nowait(stream, data)
+    if not left and data:
         return
-    fd = stream.socket.fileno()  # -1 once closed: never a number another socket may have reused
-    if fd >= 0 and data:
-        try:
-            sent = os.write(fd, data)
-        except OSError:
-            sent = 0  # EAGAIN, or an error that send_all below reports in trio's terms
-        if sent == len(data):
-            return
-        data = memoryview(data)[sent:]
+    key = id(stream)
+    if key in _slow or type(stream) is not trio.SocketStream:
+        await stream.send_all(left)  # a second sender meanwhile: trio refuses it, as without this module
+        return
     _slow.add(key)
     try:
-        await stream.send_all(data)
+        await stream.send_all(left)
     finally:
         _slow.discard(key)
