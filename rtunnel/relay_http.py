@@ -239,8 +239,10 @@ class ClientConnection:
             if self.reclaimed or not self._has_pending_input():
                 return None  # idle too long, or reclaimed: close quietly
         try:
-            with trio.fail_after(self._limits.head_timeout):
-                event = await self._next_head_event()
+            event = self._head_event_nowait()
+            if event is h11.NEED_DATA:  # the head is not all here yet: from now on it has head_timeout
+                with trio.fail_after(self._limits.head_timeout):
+                    event = await self._next_head_event()
         except trio.TooSlowError:
             await self._send_error(408, "request head not received in time", close=True)
             return None
@@ -254,6 +256,13 @@ class ClientConnection:
         if not isinstance(event, h11.Request):
             return None
         return event
+
+    def _head_event_nowait(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        """What h11 makes of the head received so far (after the strict checks), without waiting."""
+        problem = self._head_checker.problem
+        if problem is not None:
+            raise h11.RemoteProtocolError(problem[1], problem[0])
+        return self._h11.next_event()
 
     async def _next_head_event(self) -> h11.Event | type[h11.PAUSED]:
         """Like _next_event, with the strict raw-head checks (httpstrict) run before h11 parses the head."""
