@@ -36,6 +36,7 @@ from .adminhttp import AdminRequest, Reply
 from .config import parse_address
 from .dashboard import LOGIN_PATHS, PAGES, Dashboard
 from .metrics import Metrics
+from .startup import listening
 
 __all__ = ["DEFAULT_ADMIN", "AdminServer", "format_status", "parse_admin_address", "run_status"]
 
@@ -80,9 +81,10 @@ class AdminServer:
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self.dashboard.nursery = nursery  # replays run here, beside the connections
-            listeners = await nursery.start(
-                partial(trio.serve_tcp, self._on_connection, self.port, host=self.host)
-            )
+            with listening("--admin", self.host, self.port):
+                listeners = await nursery.start(
+                    partial(trio.serve_tcp, self._on_connection, self.port, host=self.host)
+                )
             sockname = listeners[0].socket.getsockname()
             self.address = (str(sockname[0]), int(sockname[1]))
             self.auth.port = self.address[1]

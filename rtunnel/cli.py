@@ -1,6 +1,7 @@
-"""Command line: `rtunnel serve`, `rtunnel dial`, `rtunnel status`, `rtunnel demo`.
+"""Command line: `rtunnel serve`, `dial`, `status`, `demo`, `cert`, `token`, `completion` (parser: cliparse.py).
 
-Configuration errors exit with status 2 and one line on stderr; SIGINT/SIGTERM shut down cleanly with status 0.
+Configuration errors exit with status 2 and one line on stderr; a failure while starting (a port in use, say)
+exits with status 1 and one line; SIGINT/SIGTERM shut down cleanly with status 0.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__
-from .admin import DEFAULT_ADMIN, AdminServer, parse_admin_address, run_status
+from .admin import AdminServer, parse_admin_address, run_status
 from .adminauth import is_loopback
+from .cliparse import EXIT_CONFIG, build_parser
 from .config import (
     ConfigError,
     TokenGroup,
@@ -34,282 +36,35 @@ from .config import (
 from .configfile import TUNNEL_NAME, TunnelSpec, describe_error, tunnel_token_env
 from .configfile import parse_args as parse_args_with_config
 from .dashboard import Dashboard, Replayer
-from .inspector import DEFAULT_MAX_BODY, Inspector
-from .logs import LOG_FORMATS, flush_periodically
+from .inspector import Inspector
+from .logs import flush_periodically
 from .logs import setup as setup_logging
-from .redact import DEFAULT_WORDS, Redactor
+from .redact import Redactor
+from .startup import StartupError, connect_hints, describe_os_error
 
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .registry import Tunnel
     from .relay import Relay
 
+__all__ = ["EXIT_CONFIG", "EXIT_RUNTIME", "build_parser", "main"]
+
 log = logging.getLogger("rtunnel")
 
-EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
+def _trusted_proxies(cidrs: Sequence[str]) -> tuple[str, ...]:
+    import ipaddress
 
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line (the contract for bad configuration), not argparse's usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rtunnel", description="Reverse HTTP tunnel over one outbound WebSocket.")
-    parser.add_argument("--version", action="version", version=f"rtunnel {__version__}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument(
-        "--log-format", default="text", choices=LOG_FORMATS, help="text (default) or json: one object a line"
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,dial,status,demo}")
-
-    serve = commands.add_parser("serve", help="run the relay (where HTTP clients connect)")
-    serve.add_argument(
-        "--http", default="127.0.0.1:8080", metavar="HOST:PORT", help="where HTTP clients connect"
-    )
-    serve.add_argument("--agents", default="127.0.0.1:8443", metavar="HOST:PORT", help="where agents connect")
-    _token_options(serve)
-    serve.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM) for wss:// on --agents")
-    serve.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for --tls-cert")
-    serve.add_argument(
-        "--agent-wait",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="how long a request waits for an agent before 503 (default 10)",
-    )
-    serve.add_argument(
-        "--grace",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="on SIGTERM, how long in-flight exchanges may finish (default 30)",
-    )
-    serve.add_argument(
-        "--tunnel",
-        action="append",
-        default=[],
-        metavar="NAME=RULE[,RULE]",
-        help="a named tunnel (repeatable); RULE: host:HOSTNAME, prefix:/PATH, keep-prefix "
-        "(its own token: $RTUNNEL_TUNNEL_<NAME>_TOKEN)",
-    )
-    _liveness_options(serve)
-    _limit_options(serve)
-    _config_and_admin_options(serve)
-
-    dial = commands.add_parser("dial", help="run the agent (beside the service)")
-    dial.add_argument("relay_urls", nargs="+", metavar="RELAY_URL", help="ws://HOST:PORT or wss://HOST:PORT")
-    dial.add_argument(
-        "--upstream", required=True, metavar="URL", help="the local service, e.g. http://127.0.0.1:5000"
-    )
-    _token_options(dial)
-    dial.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        metavar="'METHOD PATH'",
-        help="forward only matching requests (repeatable; PATH glob: * one segment, ** any)",
-    )
-    dial.add_argument("--ca", metavar="FILE", help="CA bundle to verify a wss:// relay (default: system CAs)")
-    dial.add_argument(
-        "--insecure", action="store_true", help="do not verify the relay's certificate (unsafe)"
-    )
-    dial.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS")
-    dial.add_argument(
-        "--response-timeout",
-        type=_positive,
-        default=60.0,
-        metavar="SECONDS",
-        help="time the upstream has to start answering before 504 (default 60)",
-    )
-    dial.add_argument("--backoff-initial", type=_positive, default=0.5, metavar="SECONDS")
-    dial.add_argument("--backoff-cap", type=_positive, default=30.0, metavar="SECONDS")
-    dial.add_argument(
-        "--grace",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="on SIGTERM, how long in-flight exchanges may finish (default 30)",
-    )
-    dial.add_argument(
-        "--max-streams",
-        type=_count,
-        default=256,
-        metavar="N",
-        help="exchanges the relay may run through this agent at once (its MAX_CONCURRENT_STREAMS; default 256)",
-    )
-    dial.add_argument("--tunnel", metavar="NAME", help="the named tunnel of the relay this agent serves")
-    _liveness_options(dial)
-    _config_and_admin_options(dial)
-
-    status = commands.add_parser("status", help="show the agents (or relays) of a running relay (or agent)")
-    status.add_argument(
-        "--admin",
-        default=DEFAULT_ADMIN,
-        metavar="URL",
-        help=f"the admin endpoint of `serve --admin` or `dial --admin` (default {DEFAULT_ADMIN})",
-    )
-    status.add_argument(
-        "--admin-token", metavar="TOKEN", help="its --admin-token (or set RTUNNEL_ADMIN_TOKEN)"
-    )
-
-    commands.add_parser("demo", help="start a relay, an agent and a sample service on localhost")
-    return parser
-
-
-_SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def _size(text: str) -> int:
-    """A byte count, optionally with a K/M/G suffix (powers of 1024); 0 means "no limit"."""
-    number, suffix = text.strip(), ""
-    if number[-1:].lower() in ("k", "m", "g"):
-        number, suffix = number[:-1], number[-1].lower()
-    try:
-        value = int(number) * _SIZE_SUFFIXES[suffix]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 65536, 64K, 10M)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
-
-
-def _count(text: str) -> int:
-    """A non-negative integer; 0 means "no limit"."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
-
-
-def _limit_options(parser: argparse.ArgumentParser) -> None:
-    """The relay's abuse limits (README, "Security model"). Defaults come from HttpLimits and RelayConfig."""
-    from .relay import RelayConfig
-    from .relay_http import HttpLimits
-
-    limits, relay = HttpLimits(), RelayConfig()
-    group = parser.add_argument_group("limits (0 disables a limit)")
-
-    def add(option: str, kind: Callable[[str], Any], default: Any, unit: str, what: str) -> None:
-        shown = "none" if default is None else f"{default:g}" if isinstance(default, float) else default
-        group.add_argument(
-            option, type=kind, default=default or 0, metavar=unit, help=f"{what} (default {shown})"
-        )
-
-    add("--max-head-size", _size, limits.max_head_size, "BYTES", "request line + headers, else 431")
-    add("--max-headers", _count, limits.max_header_count, "N", "header fields per request, else 431")
-    add("--max-body-size", _size, limits.max_body_size, "BYTES", "request body, else 413")
-    add("--head-timeout", float, limits.head_timeout, "SECONDS", "to receive a request head, else 408")
-    add("--idle-timeout", float, limits.idle_timeout, "SECONDS", "keep-alive connection without a request")
-    add(
-        "--body-timeout",
-        float,
-        limits.body_timeout,
-        "SECONDS",
-        "a request body that stops arriving, else 408",
-    )
-    add("--max-connections", _count, limits.max_connections, "N", "client connections in total, else 503")
-    add(
-        "--max-connections-per-ip",
-        _count,
-        limits.max_connections_per_ip,
-        "N",
-        "client connections from one address, else 503",
-    )
-    add(
-        "--max-exchanges-per-ip",
-        _count,
-        limits.max_exchanges_per_ip,
-        "N",
-        "requests in progress from one address, else 429",
-    )
-    add(
-        "--max-buffered",
-        _size,
-        limits.max_buffered_bytes,
-        "BYTES",
-        "stream data buffered across all agents; beyond it new requests get 503",
-    )
-    add(
-        "--stall-timeout",
-        float,
-        relay.stall_timeout,
-        "SECONDS",
-        "reset a stream whose agent grants no flow-control window this long",
-    )
-    add("--auth-fail-limit", _count, relay.auth_fail_limit, "N", "failed agent logins per address, then 429")
-    add("--auth-fail-window", float, relay.auth_fail_window, "SECONDS", "window of --auth-fail-limit")
-
-
-def _token_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("authentication")
-    group.add_argument("--token", help="shared secret (or set RTUNNEL_TOKEN)")
-    group.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="read the token from FILE (serve: several, one per line, '#' comments; re-read on SIGHUP)",
-    )
-
-
-def _config_and_admin_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", metavar="FILE", help="TOML file setting any of these options (flags given here win)"
-    )
-    parser.add_argument(
-        "--access-log",
-        default="on",
-        choices=["on", "off"],
-        help="one line per exchange at level info (default on)",
-    )
-    parser.add_argument(
-        "--admin",
-        metavar="[HOST:]PORT",
-        help="serve the dashboard, /healthz /readyz /metrics /status.json here (host default 127.0.0.1; "
-        "off by default)",
-    )
-    parser.add_argument(
-        "--admin-token",
-        metavar="TOKEN",
-        help="require this token (Bearer, or the login form) on every admin path but /healthz and /readyz "
-        "(or set RTUNNEL_ADMIN_TOKEN)",
-    )
-    parser.add_argument(
-        "--inspect",
-        type=_count,
-        default=0,
-        metavar="N",
-        help="keep the last N exchanges for the inspector page (default 0: off; needs --admin)",
-    )
-    parser.add_argument(
-        "--inspect-max-body",
-        type=_size,
-        default=DEFAULT_MAX_BODY,
-        metavar="BYTES",
-        help="capture at most this much of each body (default 64K)",
-    )
-    parser.add_argument(
-        "--inspect-redact",
-        metavar="WORD[,WORD]",
-        default=",".join(DEFAULT_WORDS),
-        help="redact headers, query parameters and JSON fields whose name contains one of these words "
-        f"(default {','.join(DEFAULT_WORDS)}; Authorization, Cookie and the tokens always are)",
-    )
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"--trusted-proxy: {cidr!r} is not an address or network (e.g. 10.0.0.0/8)"
+            ) from None
+    return tuple(cidrs)
 
 
 def _admin_server(
@@ -367,17 +122,6 @@ async def _run_with_admin(admin: AdminServer | None, run: Callable[[], Awaitable
         nursery.cancel_scope.cancel()
 
 
-def _liveness_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ping-interval", type=_positive, default=5.0, metavar="SECONDS")
-    parser.add_argument(
-        "--dead-timeout",
-        type=_positive,
-        default=20.0,
-        metavar="SECONDS",
-        help="declare the link dead after this long without any byte from the peer (default 20)",
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -387,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rtunnel{' ' + command if command else ''}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(args.log_level, args.log_format, access=getattr(args, "access_log", "on") == "on")
-    if args.command == "status":
-        return run_status(args.admin, args.admin_token)
+    if args.command in ("status", "cert", "token", "completion"):
+        return _run_tool(parser, args)
     try:
         if args.command == "serve":
             runner = _serve_runner(args)
@@ -402,9 +146,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rtunnel {args.command}: error: {describe_error(str(exc), args)}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return trio.run(_until_signal, runner)
+        return trio.run(_until_signal, runner, args.command)
     except KeyboardInterrupt:
         return 0
+
+
+def _run_tool(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The commands that do one thing and exit."""
+    if args.command == "status":
+        return run_status(args.admin, args.admin_token)
+    if args.command == "completion":
+        import shtab
+
+        print(shtab.complete(parser, shell=args.shell))
+        return 0
+    from . import certs
+
+    if args.command == "token":
+        print(certs.new_token())
+        return 0
+    try:
+        lines = certs.make_relay_cert(args.host, Path(args.out), days=args.days)
+    except (ConfigError, OSError) as exc:
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"rtunnel cert: error: {reason}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_RUNTIME
+    print("\n".join(lines))
+    return 0
 
 
 def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
@@ -447,6 +215,9 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         auth_fail_limit=args.auth_fail_limit,
         auth_fail_window=args.auth_fail_window,
         tunnels=_tunnels(args, groups),
+        proxy_protocol=args.proxy_protocol,
+        agents_proxy_protocol=args.agents_proxy_protocol,
+        trusted_proxies=_trusted_proxies(args.trusted_proxy),
     )
     relay = Relay(config)
     token_file = args.token_file
@@ -461,11 +232,27 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         replayer=ReplayClient(lambda: relay.http_address),
     )
     grace = args.grace
+    # A CA made by `rtunnel cert` beside the certificate is what agents need for --ca.
+    ca_file = "ca.pem" if args.tls_cert and Path(args.tls_cert).with_name("ca.pem").is_file() else None
+
+    async def serve_and_tell() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+            assert relay.http_address is not None and relay.agents_address is not None
+            for line in connect_hints(
+                relay.http_address,
+                relay.agents_address,
+                tls=config.ssl_context is not None,
+                token_set=bool(groups) or any(t.token is not None for t in config.tunnels),
+                ca_file=ca_file,
+                tunnels=[t.name for t in config.tunnels],
+            ):
+                log.info("%s", line)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_reload_tokens_on_sighup, relay, token_file)
-            await _run_with_admin(admin, relay.run)
+            await _run_with_admin(admin, serve_and_tell)
             nursery.cancel_scope.cancel()
 
     async def drain() -> None:
@@ -555,10 +342,12 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     from .transport import parse_relay_url
 
     for url in args.relay_urls:
+        if "://" not in url:
+            raise ConfigError(f"relay URL {url!r} has no scheme: use ws://{url} or wss://{url}")
         try:
             parse_relay_url(url)
         except ValueError as exc:
-            raise ConfigError(f"relay URL {url!r}: {exc}") from None
+            raise ConfigError(str(exc)) from None
     try:
         allowlist = Allowlist.parse(args.allow)
     except AllowRuleError as exc:
@@ -600,6 +389,7 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         connect = functools.partial(transport.connect, extra_headers=((TUNNEL_HEADER, args.tunnel),))
     agent = Agent(config, handler, connect=connect)
     handler.on_exchange = agent.metrics.record_exchange
+    agent.metrics.pooled_connections = lambda: handler.pool.idle_count
     info = {"allowlist": [rule.text for rule in allowlist.rules], "upstream": args.upstream}
     admin, handler.inspector = _admin_server(
         args, agent.metrics, [token.encode()] if token else [], info=info
@@ -632,8 +422,9 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     return run
 
 
-async def _until_signal(runner: Callable[[], Awaitable[None]]) -> int:
+async def _until_signal(runner: Callable[[], Awaitable[None]], command: str | None = None) -> int:
     status = 0
+    prog = f"rtunnel {command}" if command else "rtunnel"
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         try:
             async with trio.open_nursery() as nursery:
@@ -661,7 +452,20 @@ async def _until_signal(runner: Callable[[], Awaitable[None]]) -> int:
                             draining.cancel_scope.cancel()
                     nursery.cancel_scope.cancel()
                     break
+        except* StartupError as group:
+            print(f"{prog}: error: {_first(group)}", file=sys.stderr)
+            status = EXIT_RUNTIME
         except* OSError as group:
-            print(f"rtunnel: error: {group.exceptions[0]}", file=sys.stderr)
+            error = _first(group)
+            assert isinstance(error, OSError)
+            print(f"{prog}: error: {describe_os_error(error)}", file=sys.stderr)
             status = EXIT_RUNTIME
     return status
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf of a (nested) exception group: what went wrong, without trio's wrapping."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error

@@ -56,7 +56,8 @@ def read_token_file(path: str) -> list[TokenGroup]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"--token-file: cannot read {path}: {exc.strerror}") from None
+        reason = (exc.strerror or str(exc)).lower()
+        raise ConfigError(f"--token-file: cannot read {path}: {reason}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"--token-file: {path} is not UTF-8 text") from None
     groups: list[TokenGroup] = []
@@ -133,18 +134,45 @@ def server_tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | No
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    hint = " (`rtunnel cert --host NAME` makes both)"
+    _check_pem(cert, "--tls-cert", "CERTIFICATE", "a PEM certificate", hint)
+    _check_pem(key, "--tls-key", "PRIVATE KEY", "a PEM private key", hint)
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS certificate/key ({cert}, {key}): {exc}") from None
+        if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"--tls-key {key} is not the key of --tls-cert {cert}") from None
+        raise ConfigError(
+            f"--tls-cert {cert}, --tls-key {key}: cannot use them: {_ssl_reason(exc)}"
+        ) from None
     return context
 
 
+def _check_pem(path: str, option: str, label: str, what: str, missing_hint: str = "") -> None:
+    """A readable file with a PEM block of `label` in it: what `ssl` would otherwise call a "PEM lib" error."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        hint = missing_hint if isinstance(exc, FileNotFoundError) else ""
+        raise ConfigError(f"{option} {path}: cannot read it: {reason}{hint}") from None
+    if f"{label}-----".encode() not in text:
+        raise ConfigError(f"{option} {path}: not {what} (no '-----BEGIN ...{label}-----' block)")
+
+
+def _ssl_reason(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.replace("_", " ").lower()
+    return (exc.strerror or str(exc)).lower()
+
+
 def client_tls_context(ca: str | None, insecure: bool) -> ssl.SSLContext:
+    if ca is not None:
+        _check_pem(ca, "--ca", "CERTIFICATE", "a PEM certificate bundle")
     try:
         context = ssl.create_default_context(cafile=ca)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"--ca: cannot load {ca}: {exc}") from None
+        raise ConfigError(f"--ca {ca}: cannot use it: {_ssl_reason(exc)}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if insecure:
         context.check_hostname = False

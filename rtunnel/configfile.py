@@ -108,7 +108,8 @@ def option_keys(parser: argparse.ArgumentParser, command: str) -> dict[str, _Opt
                 continue
             if action.dest == argparse.SUPPRESS:
                 continue
-            options[_key_of(action)] = _Option(_key_of(action), action, owner, action.default)
+            # A global option repeated on the subcommand (cliparse) belongs to the top-level parser.
+            options.setdefault(_key_of(action), _Option(_key_of(action), action, owner, action.default))
     return options
 
 
@@ -350,6 +351,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 def _apply_file(
     parser: argparse.ArgumentParser, command: str, path: str, explicit: set[str]
 ) -> tuple[tuple[TunnelSpec, ...], dict[str, str]]:
+    if "config" not in {action.dest for action in _subparsers(parser)[command]._actions}:
+        raise ConfigFileError(f"--config applies to `rtunnel serve` and `rtunnel dial`, not {command}")
     file = _File(path)
     options = option_keys(parser, command)
     data = file.load()

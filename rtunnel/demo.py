@@ -51,7 +51,7 @@ async def _sample_service(stream: trio.SocketStream) -> None:
         }
         out = (json.dumps(payload, indent=2) + "\n").encode()
         headers = [(b"Content-Type", b"application/json"), (b"Content-Length", str(len(out)).encode())]
-        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)) or b"")
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK")) or b"")
         await stream.send_all(conn.send(h11.Data(data=out)) or b"")
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
         if conn.our_state is h11.MUST_CLOSE:

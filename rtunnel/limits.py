@@ -30,12 +30,13 @@ class Counter:
     def count(self, key: str) -> int:
         return self._by_key.get(key, 0)
 
-    def acquire(self, key: str) -> str | None:
-        """Take one slot for `key`; None when granted, else which limit refused it ("total" or "per key")."""
+    def acquire(self, key: str, *, limit_key: bool = True) -> str | None:
+        """Take one slot for `key`; None when granted, else which limit refused it ("total" or "per key").
+        Without `limit_key` only the total applies (a trusted proxy's connections carry many clients)."""
         if self.total_limit is not None and self.total >= self.total_limit:
             return "total"
         held = self._by_key.get(key, 0)
-        if self.per_key_limit is not None and held >= self.per_key_limit:
+        if limit_key and self.per_key_limit is not None and held >= self.per_key_limit:
             return "per key"
         self._by_key[key] = held + 1
         self.total += 1

@@ -9,10 +9,14 @@ flow-control stalls) is read from the multiplexers when scraped, so it can never
 from __future__ import annotations
 
 import dataclasses
+import os
+import resource
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
+import trio
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -54,6 +58,8 @@ class Metrics:
         self.started = time.monotonic()
         self.links: dict[Multiplexer, Link] = {}
         self.draining = False  # set on SIGTERM: not ready any more, whatever is connected
+        # Idle keep-alive connections to the upstream (agent side): sockets that are held on purpose.
+        self.pooled_connections: Callable[[], int] | None = None
         self._retired_stalls = 0
         self.activity = Activity(role)  # the dashboard's rates and last errors
         # The *_created series double the page for no use here (and are process-wide anyway).
@@ -161,7 +167,52 @@ class Metrics:
             "uptime_s": round(now - self.started, 3),
             "ready": self.ready,
             "agents" if self.role == "relay" else "relays": links,
+            "streams_open": sum(link.mux.in_flight for link in self.links.values()),
+            "process": self._process(),
         }
+
+    def _process(self) -> dict[str, int | None]:
+        """What a leak would show first: trio tasks, open file descriptors, resident memory (the soak in
+        bench/soak.py and the leak test compare them before and after traffic)."""
+        pooled = self.pooled_connections() if self.pooled_connections is not None else 0
+        return {
+            "tasks": _task_count(),
+            "fds": _fd_count(),
+            "rss_bytes": _rss(),
+            # Python objects' memory blocks: they grow with a leak, RSS also with the allocator's high-water mark.
+            "allocated_blocks": sys.getallocatedblocks(),
+            "pooled_connections": pooled,
+        }
+
+
+def _task_count() -> int | None:
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:  # not inside trio.run
+        return None
+    if root is None:
+        return None
+    count, todo = 0, [root]
+    while todo:
+        task = todo.pop()
+        count += 1
+        todo.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return count
+
+
+def _fd_count() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir itself holds open
+    except OSError:
+        return None
+
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/statm", "rb") as file:
+            return int(file.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _LiveCollector(Collector):

@@ -21,6 +21,7 @@ import trio
 from protocol import RemoteProtocolError, Role, Settings
 
 from . import transport
+from .clientaddr import ProxyHeaderGate, TrustedProxies, peer_ip
 from .config import TokenGroup
 from .inspector import Inspector
 from .limits import AuthThrottle, Counter
@@ -28,6 +29,7 @@ from .metrics import Metrics
 from .mux import LinkDead, Multiplexer, close_code
 from .registry import AgentRegistry, Tunnel, TunnelRouter
 from .relay_http import ClientConnection, HttpLimits
+from .startup import listening
 
 log = logging.getLogger("rtunnel.relay")
 
@@ -68,6 +70,11 @@ class RelayConfig:
     )
     # Named tunnels (none: one unnamed tunnel takes every request, as if tunnels did not exist).
     tunnels: tuple[Tunnel, ...] = ()
+    # Connections to the HTTP (agents') listener start with a PROXY protocol header naming the client.
+    proxy_protocol: bool = False
+    agents_proxy_protocol: bool = False
+    # Networks of proxies whose X-Forwarded-For names the client (--trusted-proxy).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 # The upgrade request header in which an agent names the tunnel it serves (`rtunnel dial --tunnel NAME`).
@@ -133,6 +140,10 @@ class Relay:
         self._connections = Counter(total=limits.max_connections, per_key=limits.max_connections_per_ip)
         self._exchanges = Counter(per_key=limits.max_exchanges_per_ip)
         self._refusals_logged: set[str] = set()
+        self._trusted = TrustedProxies(config.trusted_proxies)
+        self._proxy_header = (
+            ProxyHeaderGate("http listener", limits.head_timeout) if config.proxy_protocol else None
+        )
 
     @property
     def connection_count(self) -> int:
@@ -207,20 +218,23 @@ class Relay:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         async with trio.open_nursery() as nursery:
-            self.agents_address = await nursery.start(
-                partial(
-                    transport.serve,
-                    self._on_agent,
-                    config.agents_host,
-                    config.agents_port,
-                    authenticate=self._authenticate,
-                    authorize=self._authorize,
-                    ssl_context=config.ssl_context,
-                    auth_throttle=self._auth_throttle,
+            with listening("--agents", config.agents_host, config.agents_port):
+                self.agents_address = await nursery.start(
+                    partial(
+                        transport.serve,
+                        self._on_agent,
+                        config.agents_host,
+                        config.agents_port,
+                        authenticate=self._authenticate,
+                        authorize=self._authorize,
+                        ssl_context=config.ssl_context,
+                        auth_throttle=self._auth_throttle,
+                        proxy_protocol=config.agents_proxy_protocol,
+                    )
                 )
-            )
             # Client handlers run in the outer nursery, so drain() can close the listener alone.
-            listeners = await nursery.start(self._serve_http, nursery)
+            with listening("--http", config.http_host, config.http_port):
+                listeners = await nursery.start(self._serve_http, nursery)
             sockname = listeners[0].socket.getsockname()
             self.http_address = (sockname[0], sockname[1])
             scheme = "wss" if config.ssl_context else "ws"
@@ -368,25 +382,49 @@ class Relay:
         mux.abort("the agent is draining and has no exchange left")
 
     async def _on_client(self, stream: trio.SocketStream) -> None:
-        try:
-            peer = stream.socket.getpeername()
-            client_ip = str(peer[0])
-        except OSError:
+        client_ip = peer_ip(stream.socket)
+        if client_ip is None:
             return
-        refused = self._connections.acquire(client_ip)
+        if self._proxy_header is not None:
+            client_ip = await self._proxied_client(stream, client_ip)
+            if client_ip is None:
+                return
+        # A trusted proxy's connections carry many clients: only its exchanges are limited per client.
+        trusted = self._trusted.contains(client_ip) if self._trusted else False
+        refused = self._connections.acquire(client_ip, limit_key=not trusted)
         if refused == "total" and self._reclaim_idle_connection():
-            refused = self._connections.acquire(client_ip)
+            refused = self._connections.acquire(client_ip, limit_key=not trusted)
         if refused is not None:
-            if refused not in self._refusals_logged:
-                self._refusals_logged.add(refused)  # once per kind: a flood must not flood the log too
-                log.warning(
-                    "connection limit (%s) reached: refusing connections with 503, e.g. %s",
-                    refused,
-                    client_ip,
-                )
-            await _refuse_connection(stream)
+            await self._refuse(stream, refused, client_ip)
             return
-        await self._serve_client(stream, client_ip)
+        await self._serve_client(stream, client_ip, trusted)
+
+    async def _refuse(self, stream: trio.SocketStream, refused: str, client_ip: str) -> None:
+        if refused not in self._refusals_logged:
+            self._refusals_logged.add(refused)  # once per kind: a flood must not flood the log too
+            log.warning(
+                "connection limit (%s) reached: refusing connections with 503, e.g. %s", refused, client_ip
+            )
+        await _refuse_connection(stream)
+
+    async def _proxied_client(self, stream: trio.SocketStream, balancer: str) -> str | None:
+        """The client a balancer's connection carries, from its PROXY header (None: closed, logged). While the
+        header is awaited (at most --head-timeout) the connection counts in the total only: every connection of
+        the balancer passes through this phase, however many clients it carries."""
+        assert self._proxy_header is not None
+        refused = self._connections.acquire(balancer, limit_key=False)
+        if refused == "total" and self._reclaim_idle_connection():
+            refused = self._connections.acquire(balancer, limit_key=False)
+        if refused is not None:
+            await self._refuse(stream, refused, balancer)
+            return None
+        try:
+            header = await self._proxy_header.accept(stream.socket, balancer)
+        finally:
+            self._connections.release(balancer)
+        if header is None:
+            return None
+        return header.client_address or balancer
 
     def _reclaim_idle_connection(self) -> bool:
         """At the total connection limit: close the connection idle the longest (between requests, or
@@ -403,7 +441,7 @@ class Relay:
             log.warning("connection limit reached: closing the longest idle connections to serve new ones")
         return True
 
-    async def _serve_client(self, stream: trio.SocketStream, client_ip: str) -> None:
+    async def _serve_client(self, stream: trio.SocketStream, client_ip: str, trusted: bool) -> None:
         """Serve one client connection, which holds a slot of self._connections (given back at the end,
         unless it was reclaimed, which gave it back already)."""
         connection = ClientConnection(
@@ -411,6 +449,7 @@ class Relay:
             self.router,
             self.config.http_limits,
             client_ip=client_ip,
+            trusted_proxies=self._trusted if trusted else None,
             on_exchange=self.metrics.record_exchange,
             exchanges=self._exchanges,
         )
@@ -439,7 +478,7 @@ _OVERLOADED = (
 )
 
 
-async def _refuse_connection(stream: trio.SocketStream) -> None:
+async def _refuse_connection(stream: trio.abc.Stream) -> None:
     """Over the connection limit: a canned 503 and close, without reading anything. The write is bounded so
     a client that never reads cannot hold the connection open."""
     with (

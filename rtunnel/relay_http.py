@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import h11
@@ -21,6 +22,7 @@ import trio
 from protocol import ErrorCode, HeadNotEncodable, HeadPart, RequestHead, request_head_size
 
 from . import fastsend
+from .clientaddr import TrustedProxies
 from .httpstrict import MAX_CHUNK_SIZE, HeadChecker, chunk_left
 from .inspector import Capture, Inspector
 from .limits import Counter
@@ -32,6 +34,7 @@ from .registry import AgentRegistry, NoAgentAvailable, NoRoute, Route, TunnelRou
 from .retry import MAX_ATTEMPTS, MAX_POSSIBLY_PROCESSED, on_reset
 from .retry import Outcome as _Outcome
 from .retry import Replay as _Replay
+from .wslink import SUBPROTOCOL
 
 log = logging.getLogger("rtunnel.relay")
 access_log = AccessLog("rtunnel.relay.access")
@@ -55,6 +58,8 @@ FEED_SIZE = 4096
 MAX_CHUNK_LINE = 8192
 # A request body's pump gives way to other tasks after this many chunks parsed from data already read.
 YIELD_EVERY = 16
+# The answer to an agent's WebSocket upgrade on the clients' listener (421 Misdirected Request).
+MISDIRECTED_AGENT = 421
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +75,14 @@ class HttpLimits:
     body_timeout: float = 60.0  # a request body that stops arriving mid-way (408): slowloris on the body
     max_body_size: int | None = None  # None: unlimited (streamed, so no memory cost) (413)
     max_connections: int | None = 1024  # client connections on the HTTP listener, in total (503)
-    max_connections_per_ip: int | None = 128  # ... from one client address (503)
-    max_exchanges_per_ip: int | None = 64  # exchanges in progress from one client address (429)
+    # Per client address (the PROXY header's or X-Forwarded-For's behind a balancer). A quarter of the total:
+    # one address can never shut the others out, while an office behind one NAT address gets ~40 browsers'
+    # worth of connections at once (README, "Security model", has the reasoning).
+    max_connections_per_ip: int | None = 256  # ... from one client address (503)
+    # As many as connections: long-lived exchanges (SSE, WebSockets, long polls) of many users behind one
+    # NAT are normal; behind a trusted proxy, whose connections are not limited per address, this is the
+    # per-client bound.
+    max_exchanges_per_ip: int | None = 256  # exchanges in progress from one client address (429)
     # Stream data buffered in the relay (received from agents and not yet written to clients, plus request
     # bodies queued toward agents), across all agents; above it new exchanges get 503 until it drains.
     max_buffered_bytes: int | None = 256 * 1024 * 1024
@@ -106,6 +117,7 @@ class ClientConnection:
         limits: HttpLimits,
         *,
         client_ip: str,
+        trusted_proxies: TrustedProxies | None = None,
         scheme: str = "http",
         exchanges: Counter | None = None,
         on_exchange: Callable[[Access], None] | None = None,
@@ -119,7 +131,10 @@ class ClientConnection:
             registry = router
         self._router = registry
         self._limits = limits
-        self._client_ip = client_ip
+        self._client_ip = client_ip  # the connection's client: its peer, or the one a PROXY header names
+        # The connection comes from a trusted proxy: each request's client is read from its X-Forwarded-For.
+        self._trusted = trusted_proxies
+        self._client = client_ip  # the current request's client (limits, access log)
         self._scheme = scheme
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_size)
         # Exchanges in progress per client address, shared by all connections of one relay.
@@ -127,7 +142,7 @@ class ClientConnection:
         self._unfed = memoryview(b"")  # read from the client, not yet given to h11 (see FEED_SIZE)
         self._chunked = False  # the current request's body is chunked
         self._head_checker = HeadChecker()  # strict checks on the raw head being received (httpstrict)
-        self._holds_slot = False  # this connection's exchange counts in self._exchanges
+        self._holds_slot: str | None = None  # the key under which this exchange counts in self._exchanges
         self.busy = False  # an exchange is in progress (the relay's drain waits for those)
         self.draining = False  # set by the relay's drain: close once the current exchange is done
         self._nursery: trio.Nursery | None = None  # the connection's, for a late client watcher
@@ -281,16 +296,19 @@ class ClientConnection:
     async def _exchange(self, request: h11.Request) -> bool:
         started = trio.current_time()
         self._request_id = pick_request_id(request.headers.raw_items())
+        if self._trusted is not None:
+            forwarded = [value for name, value in request.headers if name == b"x-forwarded-for"]
+            self._client = self._trusted.client_of(forwarded, self._client_ip)
         if self.inspector is not None:
             self._capture = self.inspector.begin(
                 "relay", request.method, request.target, request.headers.raw_items(),
-                request_id=self._request_id, client=self._client_ip,
+                request_id=self._request_id, client=self._client,
             )  # fmt: skip
         problem = self._check_request(request)
         if problem is not None:
             status, reason = problem
-            await self._send_error(status, reason, close=True)
-            self._log(request, status, 0, 0, started)
+            sent = await self._send_error(status, reason, close=True)
+            self._log(request, status, 0, sent, started)
             return False
         has_body = self._has_body(request)
         if not has_body:
@@ -301,8 +319,8 @@ class ClientConnection:
         self._chunked = any(name == b"transfer-encoding" for name, _ in request.headers)
         route = self._route(request)
         if isinstance(route, NoRoute):
-            await self._send_error(route.status, route.reason, close=route.status != 404)
-            self._log(request, route.status, 0, 0, started)
+            sent = await self._send_error(route.status, route.reason, close=route.status != 404)
+            self._log(request, route.status, 0, sent, started)
             return route.status == 404 and self._h11.their_state is h11.DONE
         # A protocol switch (SPEC 5.5) is tunnelled for a bodiless HTTP/1.1 request only; otherwise its
         # Upgrade header is dropped like any hop-by-hop header and the request is ordinary HTTP.
@@ -317,8 +335,8 @@ class ClientConnection:
         refusal = self._admit()
         if refusal is not None:
             status, reason = refusal
-            await self._send_error(status, reason, retry_after=True)
-            self._log(request, status, 0, 0, started)
+            sent = await self._send_error(status, reason, retry_after=True)
+            self._log(request, status, 0, sent, started)
             return self._h11.their_state is h11.DONE
         replay = _Replay()
         attempt = possibly_processed = 0
@@ -334,8 +352,8 @@ class ClientConnection:
                     stream = self._capture.tap(stream, mux.name)
             except NoAgentAvailable as exc:
                 what = "no agent available" if route.tunnel is None else f"tunnel {route.tunnel!r}"
-                await self._send_error(503, f"{what}: {exc}", retry_after=True)
-                self._log(request, 503, 0, 0, started)
+                sent = await self._send_error(503, f"{what}: {exc}", retry_after=True)
+                self._log(request, 503, 0, sent, started)
                 return self._h11.their_state is h11.DONE
             except HeadNotEncodable as exc:  # over the MAX_HEAD_SIZE of the agent picked
                 return await self._refuse_head(request, exc, started)
@@ -357,7 +375,7 @@ class ClientConnection:
                     status, reason = outcome.body_status, outcome.body_error
                 else:
                     status, reason = outcome.pending_error or (502, "the agent sent no response")
-                await self._send_error(status, reason, close=True)
+                outcome.bytes_out = await self._send_error(status, reason, close=True)
                 outcome.status = status
             self._log(request, outcome.status, outcome.bytes_in, outcome.bytes_out, started)
             if outcome.abort:
@@ -367,8 +385,8 @@ class ClientConnection:
     async def _refuse_head(self, request: h11.Request, exc: HeadNotEncodable, started: float) -> bool:
         """A head the tunnel's wire format cannot carry (SPEC 5): the status that fits, and close."""
         status, reason = _UNENCODABLE.get(exc.part, (400, "request head cannot be forwarded"))
-        await self._send_error(status, f"{reason} ({exc})", close=True)
-        self._log(request, status, 0, 0, started)
+        sent = await self._send_error(status, f"{reason} ({exc})", close=True)
+        self._log(request, status, 0, sent, started)
         return False
 
     async def _run_exchange(
@@ -666,10 +684,10 @@ class ClientConnection:
 
     def _admit(self) -> tuple[int, str] | None:
         """The limits shared with other clients: the offender alone gets 429/503 (Retry-After), others go on."""
-        refused = self._exchanges.acquire(self._client_ip)
+        refused = self._exchanges.acquire(self._client)
         if refused is not None:
             return 429, "too many concurrent requests from your address"
-        self._holds_slot = True
+        self._holds_slot = self._client
         budget = self._limits.max_buffered_bytes
         if budget is not None:
             buffered = sum(mux.buffered_bytes for mux in self._router.agents)
@@ -679,9 +697,9 @@ class ClientConnection:
         return None
 
     def _release_exchange_slot(self) -> None:
-        if self._holds_slot:
-            self._holds_slot = False
-            self._exchanges.release(self._client_ip)
+        if self._holds_slot is not None:
+            self._exchanges.release(self._holds_slot)
+            self._holds_slot = None
 
     def _check_request(self, request: h11.Request) -> tuple[int, str] | None:
         if request.http_version not in (b"1.0", b"1.1"):
@@ -697,6 +715,9 @@ class ClientConnection:
             return 400, "both Transfer-Encoding and Content-Length"
         if request.method == b"CONNECT":
             return 405, "CONNECT is not supported"
+        if _offers_rtunnel(request.headers):
+            # An agent dialled the clients' port: refuse it here, before its token travels on to an upstream.
+            return MISDIRECTED_AGENT, "this is the relay's HTTP listener (--http); agents connect to --agents"
         if self._limits.max_body_size is not None:
             for name, value in request.headers:
                 if name == b"content-length" and int(value) > self._limits.max_body_size:
@@ -754,9 +775,10 @@ class ClientConnection:
 
     async def _send_error(
         self, status: int, reason: str, *, close: bool = False, retry_after: bool = False
-    ) -> None:
+    ) -> int:
+        """Send the relay's own response; return its body size as sent (0 if it could not be)."""
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
+            return 0
         self._error_note = reason
         body = (reason + "\n").encode()
         headers: list[tuple[bytes, bytes]] = [
@@ -765,15 +787,18 @@ class ClientConnection:
         ]
         if retry_after:
             headers.append((b"Retry-After", b"5"))
+        if status == MISDIRECTED_AGENT:
+            headers.append((b"Rtunnel-Listener", b"http"))  # SPEC.md section 2: the dialer names the mistake
         headers = with_request_id(headers, self._request_id)
         if close or self._h11.their_state not in (h11.DONE, h11.IDLE):
             headers.append((b"Connection", b"close"))
         try:
-            await self._send(h11.Response(status_code=status, headers=headers))
+            await self._send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
             await self._send(h11.Data(data=body))
             await self._send(h11.EndOfMessage())
         except (_ClientGone, h11.LocalProtocolError):
-            pass
+            return 0
+        return len(body)
 
     def _start_next_cycle(self) -> bool:
         conn = self._h11
@@ -800,14 +825,31 @@ class ClientConnection:
         self._error_note = None
         if access_log.enabled:
             access_log.write(
-                f"{self._client_ip} {access.method} {path} {status:d} in={bytes_in:d} out={bytes_out:d} "
+                f"{self._client} {access.method} {path} {status:d} in={bytes_in:d} out={bytes_out:d} "
                 f"{access.duration_ms:.1f}ms id={access.request_id}",
                 access,
                 "client",
-                self._client_ip,
+                self._client,
             )
         if self._on_exchange is not None:
             self._on_exchange(access)
         if self._capture is not None:
             self._capture.finish(access)
             self._capture = None
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _offers_rtunnel(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    offered = (
+        token.strip()
+        for name, value in headers
+        if name == b"sec-websocket-protocol"
+        for token in value.split(b",")
+    )
+    return SUBPROTOCOL.encode() in offered

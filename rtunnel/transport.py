@@ -23,7 +23,7 @@ import math
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import trio
 from websockets.client import ClientProtocol
@@ -34,7 +34,8 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
-from .limits import AuthThrottle
+from .clientaddr import OncePer, ProxyHeaderGate
+from .limits import AuthThrottle, Counter
 from .wslink import (
     _LIBRARY_LOG,
     _RECEIVE_SIZE,
@@ -62,10 +63,12 @@ __all__ = [
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_UNSUPPORTED_DATA",
+    "LISTENER_HEADER",
     "MAX_MESSAGE_SIZE",
     "SUBPROTOCOL",
     "AuthRejected",
     "ConnectError",
+    "NotARelay",
     "Refusal",
     "TextMessage",
     "Transport",
@@ -76,6 +79,10 @@ __all__ = [
     "serve",
 ]
 
+# On every refusal of an upgrade by serve() (SPEC.md section 2): a dialer that gets a response without it
+# reached something other than an rtunnel relay's agents listener.
+LISTENER_HEADER: Final = "Rtunnel-Listener"
+
 
 class ConnectError(Exception):
     """The WebSocket could not be established; str() is a one-line human reason."""
@@ -83,6 +90,10 @@ class ConnectError(Exception):
 
 class AuthRejected(ConnectError):
     """The relay answered 401/403: retrying at full speed will not help."""
+
+
+class NotARelay(ConnectError):
+    """The server answered the upgrade but is no rtunnel acceptor (no Rtunnel-Listener header)."""
 
 
 class VersionMismatch(ConnectError):
@@ -293,6 +304,18 @@ def _rejection(response: Response, target: str, token: str | None) -> ConnectErr
     detail = f"{status} {phrase}"
     if body and body[0].strip():
         detail += ": " + "".join(c if c.isprintable() else "?" for c in body[0].strip()[:200])
+    if response.headers.get(LISTENER_HEADER) == "http":
+        return NotARelay(
+            f"{target} is a relay's HTTP listener (--http, where clients connect), not its agents listener: "
+            "dial the address of `rtunnel serve --agents` instead"
+        )
+    # Without the header (SPEC.md section 2): not a relay, unless it is a refusal a relay that predates the
+    # header would give (401/403: the token; 426: another version).
+    if status not in (401, 403, 426) and response.headers.get(LISTENER_HEADER) != "agents":
+        return NotARelay(
+            f"{target} is not an rtunnel relay's agents listener (it answered {detail}); is it the relay's "
+            "--http port? Agents dial the address of `rtunnel serve --agents`"
+        )
     if status in (401, 403):
         hint = "no token was given" if token is None else "check the token"
         return AuthRejected(f"relay {target} refused the connection ({detail}); {hint}")
@@ -333,6 +356,12 @@ def _select_subprotocol(proto: ServerProtocol, offered: Sequence[Subprotocol]) -
     return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
 
 
+# Handshakes in progress from one address on the agents' listener. An agent makes one connection per relay at a
+# time, and a whole fleet behind one NAT reconnecting at once after a relay restart is spread by its backoff;
+# 64 at once leaves room for that while a flood from one address gets closed without costing a TLS handshake.
+MAX_HANDSHAKES_PER_IP = 64
+
+
 async def serve(
     handler: Callable[[Transport], Awaitable[None]],
     host: str | None,
@@ -345,6 +374,8 @@ async def serve(
     handshake_timeout: float = 10,
     close_timeout: float = 5,
     max_message_size: int = MAX_MESSAGE_SIZE,
+    proxy_protocol: bool = False,
+    max_handshakes_per_ip: int | None = MAX_HANDSHAKES_PER_IP,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSockets until cancelled; run handler(transport) for each authenticated one.
@@ -357,6 +388,11 @@ async def serve(
     authorize (optional) then gets that principal and the upgrade request's headers (names in lower
     case) and returns the link's principal, or a Refusal to answer instead (a 401 counts as a failed
     authentication).
+    proxy_protocol: every connection starts with a PROXY protocol header (before TLS) naming the client,
+    whose address then stands for the peer's everywhere (logs, throttle, limits); without one within
+    handshake_timeout it is closed. max_handshakes_per_ip: handshakes in progress from one client address,
+    beyond which its new connections are closed at once (a flood of failing agents from one address must
+    not make the relay slow for the others).
     The transport is closed gracefully when the handler returns; if the handler raises, the
     exception is logged (never fatal) and the transport aborted."""
     tcp_listeners = await trio.open_tcp_listeners(port, host=host)
@@ -368,7 +404,15 @@ async def serve(
         listeners = [trio.SSLListener(tcp, ssl_context, https_compatible=True) for tcp in tcp_listeners]
 
     acceptor = _Acceptor(
-        handler, authenticate, handshake_timeout, close_timeout, max_message_size, auth_throttle, authorize
+        handler,
+        authenticate,
+        handshake_timeout,
+        close_timeout,
+        max_message_size,
+        auth_throttle,
+        authorize,
+        ProxyHeaderGate("agents listener", handshake_timeout) if proxy_protocol else None,
+        Counter(per_key=max_handshakes_per_ip),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, acceptor.serve_connection, listeners)
@@ -384,13 +428,31 @@ class _Acceptor:
     max_message_size: int
     auth_throttle: AuthThrottle | None = None
     authorize: Callable[[object, Sequence[tuple[bytes, bytes]]], object] | None = None
+    proxy_header: ProxyHeaderGate | None = None
+    handshakes: Counter = dataclasses.field(default_factory=Counter)
+    refusals: OncePer = dataclasses.field(default_factory=OncePer)
 
     async def serve_connection(self, stream: _SocketOrTLS) -> None:
         # Nothing but cancellation may escape: serve_listeners would take the whole server
         # down. (trio closes the stream with aclose_forcefully when we return.)
         remote = _peer(stream)
         try:
-            transport = await self._accept(stream, remote)
+            who = await self._who(stream)
+            if who is None:
+                return
+            remote, address = who
+            if self.handshakes.acquire(address) is not None:
+                log_now, _ = self.refusals.should_log(address, trio.current_time())
+                if log_now:
+                    logger.warning(
+                        "too many agent handshakes in progress from %s: closing its new connections at once",
+                        address,
+                    )
+                return
+            try:
+                transport = await self._accept(stream, remote, address)
+            finally:
+                self.handshakes.release(address)
             if transport is None:
                 return
             async with trio.open_nursery() as nursery:  # hosts the link's control-frame writer
@@ -406,7 +468,23 @@ class _Acceptor:
         except* Exception:
             logger.exception("connection from %s failed", remote)
 
-    async def _accept(self, stream: _SocketOrTLS, remote: str) -> Transport | None:
+    async def _who(self, stream: _SocketOrTLS) -> tuple[str, str] | None:
+        """The client's "host:port" for logs and its address for limits: the peer's, or with the PROXY
+        protocol the one its header names (None: no valid header, the connection is to be closed)."""
+        remote, address = _peer(stream), _peer_address(stream)
+        if self.proxy_header is None:
+            return remote, address
+        tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        header = await self.proxy_header.accept(tcp.socket, address)  # before any TLS byte
+        if header is None:
+            return None
+        client = header.client_address
+        if client is None or not isinstance(header.source, tuple):
+            return remote, address  # a LOCAL health check: the balancer speaks for itself
+        port = header.source[1]
+        return (f"[{client}]:{port}" if ":" in client else f"{client}:{port}"), client
+
+    async def _accept(self, stream: _SocketOrTLS, remote: str, address: str) -> Transport | None:
         proto = ServerProtocol(
             select_subprotocol=_select_subprotocol, max_size=self.max_message_size, logger=_LIBRARY_LOG
         )
@@ -423,8 +501,10 @@ class _Acceptor:
                         "handshake from %s failed: %s (%d)", remote, proto.handshake_exc, response.status_code
                     )
                 else:
-                    refusal, principal = self._check(request, proto, _peer_address(stream), remote)
+                    refusal, principal = self._check(request, proto, address, remote)
                     response = refusal or response
+                if response.status_code != 101:
+                    response.headers[LISTENER_HEADER] = "agents"  # "a relay refused", not "not a relay"
                 proto.send_response(response)
                 await stream.send_all(b"".join(proto.data_to_send()))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

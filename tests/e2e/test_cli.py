@@ -26,6 +26,7 @@ def bad_configs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "unparsable --http": (["serve", "--http", "nonsense"], "--http"),
         "--agent-wait not a number": (["serve", "--agent-wait", "soon"], "--agent-wait"),
+        "--trusted-proxy not a network": (["serve", "--trusted-proxy", "10.0.0/8"], "--trusted-proxy"),
         "missing --upstream": (["dial", WS], "--upstream"),
         "unreadable --token-file": (
             ["dial", WS, "--upstream", UP, "--token-file", str(tmp_path / "no")],

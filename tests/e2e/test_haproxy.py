@@ -10,6 +10,7 @@ skipped when the binary is absent; in CI it must run.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -19,8 +20,18 @@ import httpx
 import pytest
 import trio
 
-from .procs import RTUNNEL_CMD, Agent, ManagedProcess, http_client, run_process, run_relay, wait_counts
+from .procs import (
+    RTUNNEL_CMD,
+    Agent,
+    ManagedProcess,
+    http_client,
+    run_agent,
+    run_process,
+    run_relay,
+    wait_counts,
+)
 from .test_resilience import AGENT_ARGS, RELAY_ARGS, note
+from .test_security_limits import raw_from
 from .upstream import Upstream
 
 pytestmark = pytest.mark.e2e
@@ -141,3 +152,75 @@ async def test_two_relays_behind_haproxy_survive_the_loss_of_one(
             # The agent noticed the loss and keeps trying that relay, while serving through the other.
             await agent.wait_for_line(f"relay {first.agents_url}: connection lost")
             assert "connected to" in agent.log_text()
+
+
+def haproxy_proxy_protocol_config(front: int, relay_port: int, send: str) -> str:
+    # The PROXY header is HAProxy's way to tell an L4 backend who the client is (`send-proxy` v1 text,
+    # `send-proxy-v2` binary), the same as README's "several relays" configuration.
+    return f"""\
+global
+    maxconn 512
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+
+frontend tunnel_http
+    bind 127.0.0.1:{front}
+    default_backend relays
+
+backend relays
+    server relay1 127.0.0.1:{relay_port} {send} check inter 100ms
+"""
+
+
+@pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
+async def test_behind_haproxy_with_the_proxy_protocol_each_client_is_itself(
+    upstream: Upstream, token: str, tmp_path: Path, send: str
+) -> None:
+    assert HAPROXY is not None, "haproxy must be installed in CI (.ci/run installs it)"
+    limits = ["--proxy-protocol", "--max-exchanges-per-ip", "2", "--head-timeout", "2"]
+    async with (
+        run_relay(token, extra_args=[*RELAY_ARGS, *limits]) as relay,
+        run_agent(relay.agents_url, upstream.url, token=token),
+    ):
+        front = free_port()
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(haproxy_proxy_protocol_config(front, relay.http_port, send))
+        async with run_process(
+            ManagedProcess, "haproxy", [HAPROXY, "-db", "-f", str(config)], expect_returncode=None
+        ):
+            await wait_accepting(front)
+            async with (
+                raw_from("127.0.0.2", front) as first,
+                raw_from("127.0.0.2", front) as second,
+                raw_from("127.0.0.2", front) as third,
+                raw_from("127.0.0.1", front) as other,
+            ):
+                # Two exchanges in progress from 127.0.0.2 through the balancer ...
+                for conn, key in ((first, b"a"), (second, b"b")):
+                    await conn.send(b"GET /hold/" + key + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+                    await conn.read_until(b"held\n")
+                # ... so its third is over its limit, while 127.0.0.1, through the same balancer, is not.
+                await third.send(b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n")
+                assert (await third.response()).status == 429
+                await other.send(b"GET /echo/other HTTP/1.1\r\nHost: a\r\n\r\n")
+                echoed = await other.response()
+                assert echoed.status == 200
+                for key in ("a", "b"):
+                    upstream.state.release(key)
+                # Whoever sent a request, the upstream sees its real address, not the balancer's.
+                forwarded = {k.lower(): v for k, v in echoed.json()["headers"]}["x-forwarded-for"]
+                assert forwarded == "127.0.0.1"
+            await relay.wait_for_line(re.compile(r"access.*127\.0\.0\.2 GET /third 429"))
+            await relay.wait_for_line(re.compile(r"access.*127\.0\.0\.1 GET /echo/other 200"))
+            # Straight to the relay, without the balancer's header: closed, and logged.
+            async with raw_from("127.0.0.2", relay.http_port) as direct:
+                await direct.send(b"GET /direct HTTP/1.1\r\nHost: a\r\n\r\n")
+                assert await direct.closed()
+            await relay.wait_for_line("closing a connection from 127.0.0.2: not a PROXY protocol header")
+            # HAProxy's health checks (every 100 ms) carry the header too: none of them was refused.
+            assert relay.count_lines("closing a connection from 127.0.0.1") == 0
+    assert "/direct" not in upstream.paths and "/third" not in upstream.paths

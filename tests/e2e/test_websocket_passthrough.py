@@ -85,7 +85,7 @@ async def test_echo_text_and_binary_messages_up_to_16_mib(token: str) -> None:
 async def test_100_concurrent_sessions_next_to_ordinary_requests(token: str) -> None:
     sessions, requests = 100, 200
     # Each session is an exchange in progress for as long as it lasts: the per-address limits of the relay
-    # (64 exchanges, 128 connections from one address by default) must allow them all from 127.0.0.1.
+    # (256 exchanges, 256 connections from one address by default) must allow them all from 127.0.0.1.
     limits = ["--max-exchanges-per-ip", "400", "--max-connections-per-ip", "400"]
     with trio.fail_after(BUDGET):
         async with tunnel(token, relay_args=limits) as t:

@@ -25,6 +25,7 @@ import trio
 import trio.testing
 
 from protocol import RequestHead, ResponseHead, Role, Settings
+from rtunnel.clientaddr import TrustedProxies
 from rtunnel.limits import Counter
 from rtunnel.mux import Multiplexer, MuxStream
 from rtunnel.registry import AgentRegistry
@@ -197,7 +198,9 @@ class Rig:
     nursery: trio.Nursery
     relay_mux: Multiplexer | None = None
 
-    async def connect(self, client_ip: str = "192.0.2.1", *, lockstep: bool = False) -> Client:
+    async def connect(
+        self, client_ip: str = "192.0.2.1", *, lockstep: bool = False, trusted: TrustedProxies | None = None
+    ) -> Client:
         """A new client connection, served by a ClientConnection in the rig's nursery."""
         if lockstep:
             client_end, relay_end = trio.testing.lockstep_stream_pair()
@@ -205,7 +208,12 @@ class Rig:
             client_end, relay_end = trio.testing.memory_stream_pair()
         done = trio.Event()
         connection = ClientConnection(
-            relay_end, self.registry, self.limits, client_ip=client_ip, exchanges=self.exchanges
+            relay_end,
+            self.registry,
+            self.limits,
+            client_ip=client_ip,
+            exchanges=self.exchanges,
+            trusted_proxies=trusted,
         )
 
         async def serve() -> None:
