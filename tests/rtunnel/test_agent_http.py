@@ -18,6 +18,7 @@ import trio.testing
 from protocol import ErrorCode, RequestHead
 from rtunnel.agent_http import ExchangeHandler
 from rtunnel.allowlist import Allowlist
+from rtunnel.logs import Access
 from rtunnel.mux import MuxStream, StreamReset
 from tests.e2e.upstream import Upstream, open_upstream, payload_sha256
 
@@ -334,8 +335,21 @@ async def test_relay_reset_mid_upload_discards_the_upstream_connection(upstream:
         for _ in range(16):
             await stream.send_data(b"x" * 65536)
         await wait_until(lambda: t.handler.pool.in_use == 1 and stream.bytes_sent > 0)
+        # The agent's mux forgets the stream as soon as the RESET arrives (in_flight drops to 0), while the
+        # handler still has its cleanup to run: wait for the handler's end, which its access record marks.
+        ended = trio.Event()
+        notes: list[str | None] = []
+
+        def record(access: Access) -> None:
+            notes.append(access.note)
+            ended.set()
+
+        t.handler.on_exchange = record
         stream.reset(ErrorCode.CANCEL)
-        await wait_until(lambda: t.agent.in_flight == 0)
+        with trio.fail_after(10):
+            await ended.wait()
+        assert notes == ["stream reset (peer, CANCEL)"]
+        assert t.agent.in_flight == 0
         assert t.handler.pool.in_use == 0
         assert t.handler.pool.idle_count == 0  # never pooled half-used
         after = await call(t.relay, b"POST", b"/sha256", body=b"abc")
