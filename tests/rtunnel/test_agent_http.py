@@ -21,13 +21,13 @@ from rtunnel.allowlist import Allowlist
 from rtunnel.logs import Access
 from rtunnel.mux import MuxStream, StreamReset
 from tests.e2e.upstream import Upstream, open_upstream, payload_sha256
+from tests.ports import refused_port
 
 from .agent_harness import (
     HOST,
     ServerConn,
     call,
     chunks_of,
-    closed_port,
     scripted_upstream,
     tunnel,
     wait_until,
@@ -206,10 +206,10 @@ async def test_host_with_a_path_is_refused_before_the_upstream(upstream: Upstrea
 
 
 async def test_upstream_down_is_502_naming_the_reason() -> None:
-    port = closed_port()
-    async with tunnel(f"http://127.0.0.1:{port}") as t:
-        result = await call(t.relay, b"GET", b"/")
-        posted = await call(t.relay, b"POST", b"/x", body=b"data")
+    with refused_port() as port:
+        async with tunnel(f"http://127.0.0.1:{port}") as t:
+            result = await call(t.relay, b"GET", b"/")
+            posted = await call(t.relay, b"POST", b"/x", body=b"data")
     assert result.status == 502
     assert f"upstream refused connection at 127.0.0.1:{port}".encode() in result.body
     assert posted.status == 502
@@ -218,6 +218,9 @@ async def test_upstream_down_is_502_naming_the_reason() -> None:
 async def test_slow_upstream_is_504(upstream: Upstream) -> None:
     async with tunnel(upstream.url, response_timeout=0.3) as t:
         result = await call(t.relay, b"GET", b"/sleep?s=30")
+        # The same handler, pool included, serves on; a 0.3 s deadline on this answer would fail on a
+        # loaded machine, so it gets the default.
+        t.handler.response_timeout = 60
         after = await call(t.relay, b"GET", b"/bytes/5")
     assert result.status == 504
     assert b"no response within 0.3 s" in result.body
