@@ -78,7 +78,10 @@ class AdminAuth:
             return True
         if host is None:
             return False
-        name = urlsplit("//" + host.decode("latin-1")).hostname or ""
+        try:
+            name = urlsplit("//" + host.decode("latin-1")).hostname or ""
+        except ValueError:  # "Host: [": not a name at all
+            return False
         if name == "localhost" or name.endswith(".localhost") or name == self._bind_host:
             return True
         try:

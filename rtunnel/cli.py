@@ -328,6 +328,8 @@ async def _reload_tokens_on_sighup(relay: Relay, token_file: str | None) -> None
                 log.error("SIGHUP: keeping the current tokens: %s", exc)
                 continue
             relay.reload_tokens(tuple(groups))
+            if relay.inspector is not None:  # a new token is as secret as the old ones
+                relay.inspector.redactor.add_secrets(group.token for group in groups)
 
 
 def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:

@@ -170,7 +170,7 @@ class Dashboard:
         snapshot = self.snapshot(principal, login)
         last_bucket = snapshot["series"]["last"]
         last_event = activity.events
-        last_row = snapshot["inspector"]["rows"][-1]["id"] if snapshot["inspector"]["rows"] else 0
+        last_row = self._newest()
         yield b"retry: 3000\n\n" + _event("snapshot", snapshot)
         quiet_since = time.monotonic()
         while True:
@@ -186,16 +186,16 @@ class Dashboard:
                 **activity.events_since(last_event),
                 "rows": self._rows(last_row),
             }
-            last_bucket, last_event = series["last"], activity.events
-            if update["rows"]:
-                last_row = update["rows"][-1]["id"]
+            last_bucket, last_event, last_row = series["last"], activity.events, self._newest()
             yield _event("update", update)
 
     def _fingerprint(self) -> tuple[object, ...]:
         activity = self.metrics.activity
         links = tuple((link.peer, link.mux.in_flight) for link in self.metrics.links.values())
-        newest = self.inspector.newest if self.inspector is not None else 0
-        return activity.current(), activity.events, newest, links
+        return activity.current(), activity.events, self._newest(), links
+
+    def _newest(self) -> int:
+        return self.inspector.newest if self.inspector is not None else 0
 
     def _rows(self, after: int) -> list[dict[str, Any]]:
         if self.inspector is None:

@@ -66,12 +66,16 @@ class Capture:
     status: int | None = None
     reason: str = ""
     response_headers: Headers = dataclasses.field(default_factory=list)
-    trailers: Headers = dataclasses.field(default_factory=list)
+    request_trailers: Headers = dataclasses.field(default_factory=list)
+    response_trailers: Headers = dataclasses.field(default_factory=list)
     duration_ms: float = 0.0
     note: str | None = None
     replay_of: int | None = None
     done: bool = False
+    finished: int = 0  # its place in the order exchanges finished (ids say the order they began)
     inspector: Inspector | None = dataclasses.field(default=None, repr=False)
+    # The stream of the last attempt: the trailers it received are read from it when the exchange ends.
+    stream: MuxStream | None = dataclasses.field(default=None, repr=False)
 
     def tap(self, stream: MuxStream, peer: str) -> MuxStream:
         """`stream`, with what it carries copied into this capture (a retry's new stream starts the bodies
@@ -81,6 +85,7 @@ class Capture:
         self.inspector._release(self)
         self.request, self.response = Body(), Body()
         self.peer = peer
+        self.stream = stream
         return cast(MuxStream, _Tap(self.inspector, self, stream))
 
     def finish(self, access: Access) -> None:
@@ -89,7 +94,7 @@ class Capture:
 
     @property
     def replayable(self) -> bool:
-        return self.side == "relay" and self.request.complete and not self.trailers
+        return self.side == "relay" and self.request.complete and not self.request_trailers
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -114,13 +119,14 @@ class Capture:
             "request": {
                 "headers": _text_headers(self.request_headers),
                 "body": _show(self.request, self.request_headers),
+                "trailers": _text_headers(self.request_trailers),
             },
             "response": {
                 "status": self.status,
                 "reason": self.reason,
                 "headers": _text_headers(self.response_headers),
                 "body": _show(self.response, self.response_headers),
-                "trailers": _text_headers(self.trailers),
+                "trailers": _text_headers(self.response_trailers),
             },
         }
 
@@ -136,6 +142,7 @@ class Inspector:
         self.redactor = redactor or Redactor()
         self._captures: OrderedDict[int, Capture] = OrderedDict()
         self._ids = itertools.count(1)
+        self._finished = 0  # captures finished so far
         self._in_flight_budget = limit * 2 * max_body
         self._in_flight_bytes = 0
         # Captures begun and not finished. An exchange that never finishes (its task cancelled on the way)
@@ -189,6 +196,13 @@ class Inspector:
         if capture.response.size == 0:
             capture.response.size = access.bytes_out
         redact = self.redactor
+        if capture.stream is not None and capture.stream.trailers:
+            received = redact.headers(capture.stream.trailers)
+            if capture.side == "relay":
+                capture.response_trailers = received
+            else:
+                capture.request_trailers = received
+        capture.stream = None
         capture.request.data = bytearray(
             redact.body(bytes(capture.request.data), _content_type(capture.request_headers))
         )
@@ -196,6 +210,8 @@ class Inspector:
             redact.body(bytes(capture.response.data), _content_type(capture.response_headers))
         )
         capture.done = True
+        self._finished += 1
+        capture.finished = self._finished
         self._captures[capture.id] = capture
         while len(self._captures) > self.limit:
             self._captures.popitem(last=False)
@@ -227,14 +243,24 @@ class Inspector:
     def get(self, capture_id: int) -> Capture | None:
         return self._captures.get(capture_id)
 
-    def since(self, last_id: int) -> list[Capture]:
-        """Finished captures newer than `last_id`, oldest first."""
-        return [c for c in self._captures.values() if c.id > last_id]
+    def since(self, finished: int) -> list[Capture]:
+        """The captures that finished after the first `finished` did (see `newest`), in the order they did.
+
+        By order of finishing, not by id: an exchange that began first (a long download) may end last, and
+        it is news then. The walk stops at the first capture already seen, so a reader polling for news
+        costs what is new, not N."""
+        newer = []
+        for capture in reversed(self._captures.values()):
+            if capture.finished <= finished:
+                break
+            newer.append(capture)
+        newer.reverse()
+        return newer
 
     @property
     def newest(self) -> int:
-        """The id of the newest finished capture (0: none yet)."""
-        return next(reversed(self._captures), 0)
+        """How many captures have finished so far: what a reader passes to `since` to get what is new."""
+        return self._finished
 
     def __len__(self) -> int:
         return len(self._captures)
@@ -273,7 +299,11 @@ class _Tap:
 
     async def send_trailers(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
         await self._stream.send_trailers(headers)
-        self._capture.trailers = self._inspector.redactor.headers(headers)
+        trailers = self._inspector.redactor.headers(headers)
+        if self._capture.side == "relay":
+            self._capture.request_trailers = trailers
+        else:
+            self._capture.response_trailers = trailers
 
     async def receive_reply(self) -> ResponseHead:
         head = await self._stream.receive_reply()

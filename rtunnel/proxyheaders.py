@@ -20,7 +20,9 @@ Forwarding headers (the relay faces untrusted clients):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -103,17 +105,20 @@ def _append_to_list_header(headers: list[Header], lname: bytes, item: bytes) -> 
 _REPLACED: Final = frozenset(
     [b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip", b"x-forwarded-prefix"]
 )
-# RFC 9110 5.6.2 tchar: a Forwarded value made of these alone may go unquoted (RFC 7239 4).
-_TCHAR: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# RFC 9110 5.6.2 token (tchar+): a Forwarded value like this may go unquoted (RFC 7239 4).
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _forwarded_value(value: bytes) -> bytes:
     """A token, or a quoted-string with ``"`` and ``\\`` escaped (RFC 9110 5.6.4)."""
-    if value and all(byte in _TCHAR for byte in value):
+    if _TOKEN.fullmatch(value) is not None:
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+# Per request, and parsing an address costs more than the rest of this header: a client's keep-alive
+# requests, and most clients' next connections, come from an address seen just before.
+@functools.lru_cache(maxsize=1024)
 def _forwarded_node(client_ip: bytes) -> bytes:
     """RFC 7239 6: an IPv4 address, a bracketed IPv6 one, or ``unknown`` (a peer whose address was not read)."""
     try:

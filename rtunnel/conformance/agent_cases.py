@@ -424,7 +424,8 @@ async def run_agent_suite(target: AgentTarget, *, only: str | None = None) -> li
                 outcomes = await suite.run(session, timeout=target.timeout * 3, only=only)
             finally:
                 session.lost()  # a draining agent waits for its relay to close the connection
-                await _stop(process)
+                with trio.CancelScope(shield=True):  # interrupted or not, never leave the agent running
+                    await _stop(process)
                 nursery.cancel_scope.cancel()
         if not any(outcome.passed for outcome in outcomes):
             log.seek(0)

@@ -188,6 +188,18 @@ class _Transcript:
     def peer_close(self) -> tuple[int, str] | None:
         return self.link.peer_close
 
+    async def send_split(self, data: bytes, at: int) -> None:
+        """The octets of one or more frames in two WebSocket messages, split at octet `at`."""
+        self.sent.append(
+            f"split across two messages at octet {at}: " + "; ".join(map(describe, parse_frames(data)))
+        )
+        await self.link.send(data[:at])
+        await self.link.send(data[at:])
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(f"a text WebSocket message {text!r}")
+        await self.link.send_text(text)
+
 
 # --- scripted agent ---------------------------------------------------------------------------------------
 
@@ -207,18 +219,6 @@ class HostileAgent(_Transcript):
         message = b"".join(frames)
         self.note_sent(message)
         await self.link.send(message)
-
-    async def send_split(self, data: bytes, at: int) -> None:
-        """The octets of one or more frames in two WebSocket messages, split at octet `at`."""
-        self.sent.append(
-            f"split across two messages at octet {at}: " + "; ".join(map(describe, parse_frames(data)))
-        )
-        await self.link.send(data[:at])
-        await self.link.send(data[at:])
-
-    async def send_text(self, text: str) -> None:
-        self.sent.append(f"a text WebSocket message {text!r}")
-        await self.link.send_text(text)
 
     async def next_frame(self, *, timeout: float | None = None) -> Frame | None:
         """The next frame from the relay, or None once the link is closed."""
@@ -328,18 +328,6 @@ class HostileLink(_Transcript):
         message = self.conn.data_to_send() + b"".join(frames)
         self.note_sent(message)
         await self.link.send(message)
-
-    async def send_split(self, data: bytes, at: int) -> None:
-        """Octets (e.g. a frame the honest connection queued) in two WebSocket messages, split at `at`."""
-        self.sent.append(
-            f"split across two messages at octet {at}: " + "; ".join(map(describe, parse_frames(data)))
-        )
-        await self.link.send(data[:at])
-        await self.link.send(data[at:])
-
-    async def send_text(self, text: str) -> None:
-        self.sent.append(f"a text WebSocket message {text!r}")
-        await self.link.send_text(text)
 
     async def _pump(self) -> None:
         try:

@@ -193,7 +193,7 @@ async function openDetail(id) {
   const replayOf = x.replay_of ? ` · replay of #${x.replay_of}` : "";
   $("detail-meta").textContent = `${clock(x.time)} · ${x.duration_ms.toFixed(1)} ms · request id ${x.request_id || "–"} · ` +
     `${x.peer || "no agent"}${x.client ? ` · client ${x.client}` : ""}${x.note ? ` · ${x.note}` : ""}${replayOf}`;
-  headersTable("request-headers", x.request.headers);
+  headersTable("request-headers", [...x.request.headers, ...x.request.trailers]);
   headersTable("response-headers", [...x.response.headers, ...x.response.trailers]);
   showBody("request", x.request.body);
   showBody("response", x.response.body);

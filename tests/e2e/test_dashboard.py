@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -264,7 +266,7 @@ async def test_the_agent_shows_its_allowlist_and_refusals(upstream: Upstream, to
         update = await stream.until(lambda d: d["refusals"])
         (refusal,) = update["refusals"]
         assert refusal["request_id"] == "refused-1" and "not allowed" in refusal["reason"]
-        assert (await admin.post("/api/exchanges/1/replay")).status_code in (403, 404)
+        assert (await admin.post("/api/exchanges/1/replay")).status_code == 404  # no replay on the agent
 
 
 async def test_the_admin_token_guards_every_path_but_the_probes(upstream: Upstream, token: str) -> None:
@@ -331,6 +333,8 @@ async def test_without_a_token_only_unrebindable_host_names_reach_the_pages(toke
         # A name an attacker's DNS could point here: a web page must not read captured requests with it.
         for path in ("/", "/events", "/api/exchanges/1"):
             assert (await admin.get(path, headers={"Host": "evil.example:9180"})).status_code == 403
+        # A Host that is no name at all is refused the same way (it was a logged traceback, no answer).
+        assert (await admin.get("/", headers={"Host": "[::1"})).status_code == 403
         # Probes and scrapes keep working with any name.
         assert (await admin.get("/metrics", headers={"Host": "relay.internal:9180"})).status_code == 200
 
@@ -398,3 +402,25 @@ async def test_a_session_cookie_behind_a_tls_proxy_is_secure(token: str) -> None
         admin.cookies.clear()
         behind_tls = await admin.get("/", headers={"X-Forwarded-Proto": "https"})
         assert behind_tls.headers["set-cookie"].endswith("; Secure")
+
+
+async def test_a_token_added_on_sighup_is_redacted_too(upstream: Upstream, tmp_path: Path) -> None:
+    first, added = "tok-" + secrets.token_hex(8), "tok-" + secrets.token_hex(8)
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{first}\n")
+    args = ("--token-file", str(token_file), "--admin", "127.0.0.1:0", "--inspect", "5")
+    async with (
+        run_relay(None, extra_args=args) as relay,
+        run_agent(relay.agents_url, upstream.url, token=first),
+        http_client(await admin_url(relay)) as admin,
+        http_client(relay.http_url) as client,
+    ):
+        await relay.wait_for_line("agent connected from")
+        token_file.write_text(f"{first}\n{added}\n")
+        relay.send_signal(signal.SIGHUP)
+        await relay.wait_for_line("tokens reloaded")
+        note = f"old {first} new {added}"
+        assert (await client.get("/echo/x", headers={"X-Note": note})).status_code == 200
+        await wait_captured(admin, 1)
+        headers = dict((await admin.get("/api/exchanges/1")).json()["request"]["headers"])
+        assert headers["X-Note"] == "old [redacted] new [redacted]"

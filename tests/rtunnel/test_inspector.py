@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any, cast
+
+import pytest
+import trio
+import trio.testing
+
+from rtunnel.adminauth import Principal
+from rtunnel.dashboard import Dashboard
 from rtunnel.inspector import Inspector, hex_dump
+from rtunnel.logs import Access
+from rtunnel.metrics import Metrics
+from rtunnel.mux import MuxStream
 
 
 def test_bodies_are_shown_as_json_text_or_hex() -> None:
@@ -28,3 +40,63 @@ def test_in_flight_captures_share_a_budget_that_abandoned_ones_give_back() -> No
     third = inspector.begin("relay", b"POST", b"/", [], request_id=None)
     inspector._take(third.request, b"d" * 4)
     assert third.request.captured == 4 and not third.request.dropped
+
+
+def _access(path: str) -> Access:
+    return Access("GET", path, 200, 0, 0, 1.0, None)
+
+
+async def test_an_exchange_that_ends_after_a_later_one_still_reaches_the_event_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A long download begins first (id 1) and ends after a short request (id 2): news when it ends, although
+    # its id is older than the newest row the page has already seen.
+    inspector = Inspector(4)
+    dashboard = Dashboard(Metrics("relay"), inspector=inspector)
+    events = dashboard._events(Principal(None), login=False)
+    long = inspector.begin("relay", b"GET", b"/long", [], request_id=None)
+    short = inspector.begin("relay", b"GET", b"/short", [], request_id=None)
+    assert b'"rows":[]' in await events.__anext__()  # the snapshot
+    short.finish(_access("/short"))
+    assert [row["path"] for row in _update(await events.__anext__())["rows"]] == ["/short"]
+    long.finish(_access("/long"))
+    assert [row["path"] for row in _update(await events.__anext__())["rows"]] == ["/long"]
+    assert [c.id for c in inspector.since(0)] == [2, 1]  # the order they finished in
+    assert inspector.since(inspector.newest) == []
+    await events.aclose()
+
+
+def _update(chunk: bytes) -> dict[str, Any]:
+    name, data = chunk.decode().splitlines()[:2]
+    assert name == "event: update"
+    return cast(dict[str, Any], json.loads(data.removeprefix("data: ")))
+
+
+class _Stream:
+    """What a tap needs of a MuxStream to carry trailers: those it sends, and those it received."""
+
+    def __init__(self) -> None:
+        self.trailers: tuple[tuple[bytes, bytes], ...] | None = None
+        self.sent: list[tuple[bytes, bytes]] = []
+
+    async def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.sent += headers
+
+
+@pytest.mark.parametrize("side", ["relay", "agent"])
+async def test_trailers_are_shown_with_the_message_they_end(side: str) -> None:
+    # The relay sends the request's trailers and receives the response's; the agent the other way round.
+    inspector = Inspector(4)
+    capture = inspector.begin(side, b"POST", b"/", [], request_id=None)
+    stream = _Stream()
+    tap = capture.tap(cast(MuxStream, stream), "peer")
+    sent, received = [(b"X-Sum", b"1"), (b"X-Token", b"t")], ((b"X-Done", b"2"),)
+    await tap.send_trailers(sent)
+    stream.trailers = received
+    capture.finish(_access("/"))
+    detail = capture.detail()
+    mine, theirs = ("request", "response") if side == "relay" else ("response", "request")
+    assert detail[mine]["trailers"] == [["X-Sum", "1"], ["X-Token", "[redacted]"]]
+    assert detail[theirs]["trailers"] == [["X-Done", "2"]]
+    assert stream.sent == sent
+    assert not detail["replayable"]  # the relay's request had trailers; the agent never replays
