@@ -33,7 +33,7 @@ from protocol import ErrorCode, LocalProtocolError, RequestHead, ResponseHead
 
 from .allowlist import Allowlist
 from .inspector import Capture, Inspector
-from .logs import Access, request_id_of
+from .logs import Access, AccessLog, request_id_of
 from .mux import MuxStream, StreamReset
 from .passthrough import pump, upgrade_offer, with_upgrade
 from .proxyheaders import Header, response_headers_for_client, strip_hop_by_hop
@@ -50,7 +50,7 @@ from .upstream import (
 __all__ = ["ExchangeHandler"]
 
 log = logging.getLogger("rtunnel.agent")
-access_log = logging.getLogger("rtunnel.agent.access")
+access_log = AccessLog("rtunnel.agent.access")
 
 # Methods whose request may be sent twice (RFC 9110 9.2.2): only these are retried on a fresh connection
 # when a kept-alive one turns out to have been closed by the upstream.
@@ -110,6 +110,16 @@ class _RequestBody:
         if not chunk:
             self.ended = True
             return b""
+        # The relay's body arrives in frames (16 KiB by default): what already arrived goes to the upstream in
+        # one send, not one send (and one h11 event, one stall scope) per frame.
+        more = self._stream.receive_data_nowait(READ_SIZE - len(chunk)) if len(chunk) < READ_SIZE else None
+        if more:
+            pieces = [chunk, more]
+            size = len(chunk) + len(more)
+            while size < READ_SIZE and (more := self._stream.receive_data_nowait(READ_SIZE - size)):
+                pieces.append(more)
+                size += len(more)
+            chunk = b"".join(pieces)
         self._taken += 1
         if self.replayable:
             if self._held_bytes + len(chunk) <= REPLAY_LIMIT:
@@ -608,21 +618,19 @@ class ExchangeHandler:
             bytes_in=stream.bytes_received,
             bytes_out=stream.bytes_sent,
             duration_ms=round((trio.current_time() - started) * 1000, 3),
-            request_id=request_id_of(exchange.head.headers),  # set by the relay; sanitized: not trusted
+            # Set by the relay; sanitized: not trusted. Only the log shows it.
+            request_id=request_id_of(exchange.head.headers) if (logged := access_log.enabled) else None,
             note=f"{note}: {exchange.reason}" if exchange.reason else note or None,
         )
-        access_log.info(
-            "%s %s %s in=%d out=%d %dms id=%s%s",
-            access.method,
-            access.path,
-            access.status if access.status is not None else "-",
-            access.bytes_in,
-            access.bytes_out,
-            round(access.duration_ms),
-            access.request_id or "-",
-            f" ({note})" if note else "",
-            extra=access.extra(note=note or None),
-        )
+        if logged:
+            access_log.write(
+                f"{access.method} {access.path} {access.status if access.status is not None else '-'} "
+                f"in={access.bytes_in:d} out={access.bytes_out:d} {round(access.duration_ms):d}ms "
+                f"id={access.request_id or '-'}{f' ({note})' if note else ''}",
+                access,
+                "note",
+                note or None,
+            )
         if self.on_exchange is not None:
             self.on_exchange(access)
         return access

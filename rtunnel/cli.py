@@ -37,6 +37,7 @@ from .configfile import TUNNEL_NAME, TunnelSpec, describe_error, tunnel_token_en
 from .configfile import parse_args as parse_args_with_config
 from .dashboard import Dashboard, Replayer
 from .inspector import Inspector
+from .logs import flush_periodically
 from .logs import setup as setup_logging
 from .redact import Redactor
 from .startup import StartupError, connect_hints, describe_os_error
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = getattr(exc, "command", None)
         print(f"rtunnel{' ' + command if command else ''}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format, access=getattr(args, "access_log", "on") == "on")
     if args.command in ("status", "cert", "token", "completion"):
         return _run_tool(parser, args)
     try:
@@ -339,7 +340,7 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     from .agent import Agent, AgentConfig, Connector
     from .agent_http import ExchangeHandler
     from .allowlist import Allowlist, AllowRuleError
-    from .relay import STREAM_WINDOW, TUNNEL_HEADER
+    from .relay import FRAME_SIZE, STREAM_WINDOW, TUNNEL_HEADER
     from .transport import parse_relay_url
 
     for url in args.relay_urls:
@@ -376,7 +377,11 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         ping_interval=args.ping_interval,
         dead_timeout=args.dead_timeout,
         connect_timeout=args.connect_timeout,
-        settings=Settings(max_concurrent_streams=args.max_streams, initial_stream_window=STREAM_WINDOW),
+        settings=Settings(
+            max_concurrent_streams=args.max_streams,
+            initial_stream_window=STREAM_WINDOW,
+            max_frame_size=FRAME_SIZE,
+        ),
         tunnel=args.tunnel,
     )
     connect: Connector = transport.connect
@@ -431,6 +436,7 @@ async def _until_signal(runner: Callable[[], Awaitable[None]], command: str | No
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(run_then_stop)
+                nursery.start_soon(flush_periodically)
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)
                     drain = getattr(runner, "drain", None)

@@ -448,6 +448,12 @@ def _config_and_admin_options(parser: argparse.ArgumentParser) -> None:
     from .redact import DEFAULT_WORDS
 
     parser.add_argument(
+        "--access-log",
+        default="on",
+        choices=["on", "off"],
+        help="one line per exchange at level info (default on)",
+    )
+    parser.add_argument(
         "--admin",
         metavar="[HOST:]PORT",
         help="serve the dashboard, /healthz /readyz /metrics /status.json here (host default 127.0.0.1; "

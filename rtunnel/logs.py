@@ -1,11 +1,18 @@
 """Log output (human-readable or JSON lines) and the access record both sides write once per exchange.
 
-Access lines carry their fields twice: in the message, for people, and as record attributes (`extra=`), so
-the JSON formatter emits them as typed fields that log pipelines can filter on without parsing text.
+Access lines carry their fields twice: in the message, for people, and as typed fields (record attributes,
+`extra=`), so the JSON format emits them as fields that log pipelines can filter on without parsing text.
+
+Access lines are the one log line per exchange, so they skip the logging module's per-record machinery once
+`setup` configured the process (the CLI does): `AccessLog.write` formats the line exactly as the handler
+would and appends it to a buffer that `flush_periodically` writes every FLUSH_INTERVAL (one write instead
+of one per line), before any other log line (so lines stay in order) and at exit. Without `setup` (tests
+that run a relay in-process) they go through `logging` as before, so caplog sees them.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import json
@@ -13,18 +20,23 @@ import logging
 import re
 import secrets
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any, Final, TextIO
+
+import trio
 
 __all__ = [
     "LOG_FORMATS",
     "REQUEST_ID_HEADER",
     "Access",
+    "AccessLog",
     "JsonFormatter",
     "new_request_id",
     "pick_request_id",
     "request_id_of",
     "sanitize_request_id",
+    "flush_periodically",
     "setup",
     "with_request_id",
 ]
@@ -65,7 +77,7 @@ def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: that makes __init__ a setattr call per field
 class Access:
     """One exchange as the access log and the metrics see it.
 
@@ -121,11 +133,152 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
-def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Configure the root logger once, for the whole process: `fmt` is "text" or "json"."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+def setup(
+    level: str = "info", fmt: str = "text", stream: TextIO | None = None, *, access: bool = True
+) -> None:
+    """Configure the root logger once, for the whole process: `fmt` is "text" or "json"; `access` False
+    turns the access lines off (`--access-log off`)."""
+    global _sink
+    if _sink is not None:
+        _sink.flush()
+    out = stream or sys.stderr
+    _sink = _AccessSink(out, fmt)
+    handler = _sink.handler = _Handler(out, _sink)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(HUMAN_FORMAT))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+    AccessLog.enabled_by_option = access
+    atexit.register(_flush_at_exit)
+
+
+def _flush_at_exit() -> None:
+    if _sink is not None:
+        _sink.flush()
+
+
+# Buffered access lines are written at least this often (and before any other line, and at exit).
+FLUSH_INTERVAL: Final = 0.1
+# ... and at once beyond this much text, so a burst never holds more than this in memory.
+FLUSH_SIZE: Final = 64 * 1024
+_JSON: Final = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps(**options) builds one per call
+
+
+class _AccessSink:
+    """Access lines formatted as `setup`'s handler would, buffered until `flush`."""
+
+    def __init__(self, stream: TextIO, fmt: str) -> None:
+        self.stream = stream
+        self.json = fmt == "json"
+        self._lines: list[str] = []
+        self._size = 0
+        self._pending = trio.Event()  # set while lines wait (for flush_periodically)
+        self.handler: logging.Handler | None = None
+        self._second = -1  # the whole second the cached time prefix is for
+        self._prefix = ""
+
+    def add(self, name: str, message: str, fields: dict[str, object] | None) -> None:
+        now = time.time()
+        second = int(now)
+        millis = int((now - second) * 1000)
+        if second != self._second:
+            self._second = second
+            if self.json:
+                when = datetime.datetime.fromtimestamp(second, tz=datetime.UTC)
+                self._prefix = when.strftime("%Y-%m-%dT%H:%M:%S.")
+            else:
+                self._prefix = time.strftime("%Y-%m-%d %H:%M:%S,", time.localtime(second))
+        if self.json:
+            line: dict[str, object] = {
+                "time": f"{self._prefix}{millis:03d}Z",
+                "level": "info",
+                "logger": name,
+                "message": message,
+            }
+            for key, value in (fields or {}).items():
+                line.setdefault(key, value)
+            text = _JSON.encode(line) + "\n"
+        else:
+            text = f"{self._prefix}{millis:03d} INFO    {name}: {message}\n"
+        self._lines.append(text)
+        self._size += len(text)
+        if self._size >= FLUSH_SIZE:
+            self.flush()
+        elif len(self._lines) == 1:
+            self._pending.set()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        text = "".join(self._lines)
+        self._lines.clear()
+        self._size = 0
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed or gone: nowhere left to report it
+
+    async def wait_pending(self) -> None:
+        while not self._lines:
+            if self._pending.is_set():
+                self._pending = trio.Event()
+            await self._pending.wait()
+
+
+class _Handler(logging.StreamHandler[TextIO]):
+    """The process's handler: buffered access lines go out before any other line, so the order holds."""
+
+    def __init__(self, stream: TextIO, sink: _AccessSink) -> None:
+        super().__init__(stream)
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._sink.flush()
+        super().emit(record)
+
+
+_sink: _AccessSink | None = None
+_root: Final = logging.getLogger()
+
+
+async def flush_periodically() -> None:
+    """Write buffered access lines every FLUSH_INTERVAL while there are any; runs until cancelled (and
+    flushes then too)."""
+    try:
+        while True:
+            sink = _sink
+            if sink is None:
+                await trio.sleep_forever()
+                return
+            await sink.wait_pending()
+            await trio.sleep(FLUSH_INTERVAL)
+            sink.flush()
+    finally:
+        if _sink is not None:
+            _sink.flush()
+
+
+class AccessLog:
+    """The access lines of one side ("rtunnel.relay.access" or "rtunnel.agent.access"), at level INFO."""
+
+    enabled_by_option: bool = True  # --access-log on|off, for the whole process
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.logger = logging.getLogger(name)
+
+    @property
+    def enabled(self) -> bool:
+        return AccessLog.enabled_by_option and self.logger.isEnabledFor(logging.INFO)
+
+    def write(self, message: str, access: Access, key: str, value: object) -> None:
+        """One line: `message` for people, `access` (and `key`: `value` unless None) as typed fields (which only
+        the JSON format shows: the text format does not even build them)."""
+        sink = _sink
+        # Only while setup's handler is the one place lines go (not under a test's caplog, say).
+        if sink is not None and not self.logger.handlers and _root.handlers == [sink.handler]:
+            sink.add(self.name, message, access.extra(**{key: value}) if sink.json else None)
+        else:
+            self.logger.info(message, extra=access.extra(**{key: value}))
 
 
 def pick_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:

@@ -37,6 +37,10 @@ log = logging.getLogger("rtunnel.relay")
 # round trip (256 KiB measured 100-200 MB/s, 4 MiB 220-280), and the 16 MiB connection window still bounds
 # what one agent link can make the relay hold.
 STREAM_WINDOW = 1024 * 1024
+# The largest DATA frame each end accepts (SPEC's default is 16 KiB): a 64 KiB read goes out as one frame, not
+# four, which took bulk transfers' tunnel CPU from 6.3 to 5.8 s/GB (down) and 7.6 to 6.9 (up). A small exchange
+# behind a bulk one still waits at most one WebSocket message (mux.MAX_MESSAGE), as before.
+FRAME_SIZE = 64 * 1024
 
 
 @dataclasses.dataclass
@@ -60,7 +64,9 @@ class RelayConfig:
     dead_timeout: float = 20.0
     # The relay opens streams and accepts none, so it grants agents no concurrent streams of their own.
     settings: Settings = dataclasses.field(
-        default_factory=lambda: Settings(max_concurrent_streams=0, initial_stream_window=STREAM_WINDOW)
+        default_factory=lambda: Settings(
+            max_concurrent_streams=0, initial_stream_window=STREAM_WINDOW, max_frame_size=FRAME_SIZE
+        )
     )
     # Named tunnels (none: one unnamed tunnel takes every request, as if tunnels did not exist).
     tunnels: tuple[Tunnel, ...] = ()

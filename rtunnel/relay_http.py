@@ -13,18 +13,20 @@ import dataclasses
 import http
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import h11
 import trio
 
 from protocol import ErrorCode, HeadNotEncodable, HeadPart, RequestHead, request_head_size
 
+from . import fastsend
 from .clientaddr import TrustedProxies
 from .httpstrict import MAX_CHUNK_SIZE, HeadChecker, chunk_left
 from .inspector import Capture, Inspector
 from .limits import Counter
-from .logs import Access, pick_request_id, with_request_id
+from .logs import Access, AccessLog, pick_request_id, with_request_id
 from .mux import Multiplexer, MuxStream, StreamReset
 from .passthrough import pump, upgrade_offer, with_upgrade
 from .proxyheaders import add_forwarding, strip_hop_by_hop
@@ -35,9 +37,16 @@ from .retry import Replay as _Replay
 from .wslink import SUBPROTOCOL
 
 log = logging.getLogger("rtunnel.relay")
-access_log = logging.getLogger("rtunnel.relay.access")
+access_log = AccessLog("rtunnel.relay.access")
 
 READ_SIZE = 65536
+# A bodiless exchange runs in the connection's own task, without a second one watching the client: a nursery,
+# a task and its cancellation cost about as much as the rest of a small exchange. One still running after this
+# long (a long poll, a slow upstream, a streamed response) starts the watcher then, so a client that leaves is
+# noticed at most this much later than with a watcher from the start.
+WATCH_AFTER = 0.25
+
+_T = TypeVar("_T")
 
 
 # The client's bytes are handed to h11 in slices of at most this size while a head or a chunk-size line is
@@ -136,6 +145,9 @@ class ClientConnection:
         self._holds_slot: str | None = None  # the key under which this exchange counts in self._exchanges
         self.busy = False  # an exchange is in progress (the relay's drain waits for those)
         self.draining = False  # set by the relay's drain: close once the current exchange is done
+        self._nursery: trio.Nursery | None = None  # the connection's, for a late client watcher
+        self._watch_at: float | None = None  # a bodiless exchange's time to start watching the client
+        self._watcher: tuple[trio.CancelScope, trio.Event] | None = None  # (its scope, set once it ended)
         self.inspector: Inspector | None = None  # --inspect: record each exchange (the one hook, _exchange)
         self._capture: Capture | None = None
         self._error_note: str | None = None  # why the relay answered with an error itself (dashboard)
@@ -162,6 +174,14 @@ class ClientConnection:
         return True
 
     async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self._serve()
+            finally:
+                self._nursery = None
+
+    async def _serve(self) -> None:
         try:
             while True:
                 request = await self._next_request()
@@ -234,8 +254,10 @@ class ClientConnection:
             if self.reclaimed or not self._has_pending_input():
                 return None  # idle too long, or reclaimed: close quietly
         try:
-            with trio.fail_after(self._limits.head_timeout):
-                event = await self._next_head_event()
+            event = self._head_event_nowait()
+            if event is h11.NEED_DATA:  # the head is not all here yet: from now on it has head_timeout
+                with trio.fail_after(self._limits.head_timeout):
+                    event = await self._next_head_event()
         except trio.TooSlowError:
             await self._send_error(408, "request head not received in time", close=True)
             return None
@@ -249,6 +271,13 @@ class ClientConnection:
         if not isinstance(event, h11.Request):
             return None
         return event
+
+    def _head_event_nowait(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        """What h11 makes of the head received so far (after the strict checks), without waiting."""
+        problem = self._head_checker.problem
+        if problem is not None:
+            raise h11.RemoteProtocolError(problem[1], problem[0])
+        return self._h11.next_event()
 
     async def _next_head_event(self) -> h11.Event | type[h11.PAUSED]:
         """Like _next_event, with the strict raw-head checks (httpstrict) run before h11 parses the head."""
@@ -371,22 +400,55 @@ class ClientConnection:
     ) -> _Outcome:
         outcome = _Outcome()
         wants_continue = self._h11.they_are_waiting_for_100_continue
+        if not has_body and not upgrade:
+            self._watch_at = trio.current_time() + WATCH_AFTER
+            try:
+                await self._relay_response_or_fail(
+                    request, stream, outcome, wants_continue, False, replay, mux, False
+                )
+            finally:
+                self._watch_at = None
+                watcher, self._watcher = self._watcher, None
+                if watcher is not None:
+                    watcher[0].cancel()
+            if watcher is not None:
+                await watcher[1].wait()  # it no longer reads from the client: the next request is ours
+            return await self._after_response(stream, outcome)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._request_side, stream, outcome, has_body, replay)
-            try:
-                await self._relay_response(request, stream, outcome, wants_continue, upgrade)
-            except StreamReset as exc:
-                on_reset(request.method, exc, outcome, has_body and replay.overflow, mux.is_closed)
-            except h11.LocalProtocolError as exc:
-                # The agent's head or trailers are not valid HTTP/1.1 (e.g. CR LF in a header value).
-                stream.reset(ErrorCode.PROTOCOL_ERROR)
-                bad = StreamReset(ErrorCode.PROTOCOL_ERROR, remote=False, retryable=False, reason=str(exc))
-                on_reset(request.method, bad, outcome, has_body and replay.overflow, False)
-            except _ClientGone:
-                stream.reset(ErrorCode.CANCEL)
-                outcome.abort = True
-                outcome.status = 499
+            await self._relay_response_or_fail(
+                request, stream, outcome, wants_continue, has_body, replay, mux, upgrade
+            )
             nursery.cancel_scope.cancel()
+        return await self._after_response(stream, outcome)
+
+    async def _relay_response_or_fail(
+        self,
+        request: h11.Request,
+        stream: MuxStream,
+        outcome: _Outcome,
+        wants_continue: bool,
+        has_body: bool,
+        replay: _Replay,
+        mux: Multiplexer,
+        upgrade: bool,
+    ) -> None:
+        """_relay_response, with the ways it fails recorded on `outcome`."""
+        try:
+            await self._relay_response(request, stream, outcome, wants_continue, upgrade)
+        except StreamReset as exc:
+            on_reset(request.method, exc, outcome, has_body and replay.overflow, mux.is_closed)
+        except h11.LocalProtocolError as exc:
+            # The agent's head or trailers are not valid HTTP/1.1 (e.g. CR LF in a header value).
+            stream.reset(ErrorCode.PROTOCOL_ERROR)
+            bad = StreamReset(ErrorCode.PROTOCOL_ERROR, remote=False, retryable=False, reason=str(exc))
+            on_reset(request.method, bad, outcome, has_body and replay.overflow, False)
+        except _ClientGone:
+            stream.reset(ErrorCode.CANCEL)
+            outcome.abort = True
+            outcome.status = 499
+
+    async def _after_response(self, stream: MuxStream, outcome: _Outcome) -> _Outcome:
         if outcome.client_gone:
             stream.reset(ErrorCode.CANCEL)
             outcome.abort = True
@@ -395,6 +457,34 @@ class ClientConnection:
         elif outcome.switched and not outcome.abort:
             await self._switched(stream, outcome)
         return outcome
+
+    async def _from_agent(
+        self, receive: Callable[[], Awaitable[_T]], stream: MuxStream, outcome: _Outcome
+    ) -> _T:
+        """Wait for the agent (`receive`); in a bodiless exchange that takes longer than WATCH_AFTER, start
+        watching the client first (see WATCH_AFTER)."""
+        watch_at = self._watch_at
+        if watch_at is None:
+            return await receive()
+        with trio.move_on_at(watch_at):
+            return await receive()  # both receives are cancel-safe: nothing is lost when the deadline fires
+        self._watch_at = None
+        self._start_watcher(stream, outcome)
+        return await receive()
+
+    def _start_watcher(self, stream: MuxStream, outcome: _Outcome) -> None:
+        assert self._nursery is not None and self._watcher is None
+        scope, ended = trio.CancelScope(), trio.Event()
+
+        async def watch() -> None:
+            try:
+                with scope:
+                    await self._request_side(stream, outcome, False, _Replay())
+            finally:
+                ended.set()
+
+        self._watcher = scope, ended
+        self._nursery.start_soon(watch)
 
     async def _switched(self, stream: MuxStream, outcome: _Outcome) -> None:
         """After a 101: raw bytes both ways until both sides closed (SPEC 5.5); the connection then ends.
@@ -529,7 +619,7 @@ class ClientConnection:
         self, request: h11.Request, stream: MuxStream, outcome: _Outcome, wants_continue: bool, upgrade: bool
     ) -> None:
         while True:
-            head = await stream.receive_reply()
+            head = await self._from_agent(stream.receive_reply, stream, outcome)
             if not head.is_interim:
                 break
             if head.status == 100 and not wants_continue:
@@ -575,7 +665,7 @@ class ClientConnection:
             if chunk is None:
                 await self._send_bytes(pending)
                 pending, held = [], 0
-                chunk = await stream.receive_data(READ_SIZE)
+                chunk = await self._from_agent(self._reader(stream), stream, outcome)
             if not chunk:
                 break
             outcome.bytes_out += len(chunk)
@@ -587,6 +677,10 @@ class ClientConnection:
         outcome.keep_alive = True
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _reader(stream: MuxStream) -> Callable[[], Awaitable[bytes]]:
+        return lambda: stream.receive_data(READ_SIZE)
 
     def _admit(self) -> tuple[int, str] | None:
         """The limits shared with other clients: the offender alone gets 429/503 (Retry-After), others go on."""
@@ -675,7 +769,7 @@ class ClientConnection:
         )
         if data:
             try:
-                await self._stream.send_all(data)
+                await fastsend.send_all(self._stream, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise _ClientGone from None
 
@@ -729,18 +823,14 @@ class ClientConnection:
             note=self._error_note,
         )
         self._error_note = None
-        access_log.info(
-            "%s %s %s %d in=%d out=%d %.1fms id=%s",
-            self._client,
-            access.method,
-            path,
-            status,
-            bytes_in,
-            bytes_out,
-            access.duration_ms,
-            access.request_id,
-            extra=access.extra(client=self._client),
-        )
+        if access_log.enabled:
+            access_log.write(
+                f"{self._client} {access.method} {path} {status:d} in={bytes_in:d} out={bytes_out:d} "
+                f"{access.duration_ms:.1f}ms id={access.request_id}",
+                access,
+                "client",
+                self._client,
+            )
         if self._on_exchange is not None:
             self._on_exchange(access)
         if self._capture is not None:

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from . import fastsend
+
 __all__ = [
     "READ_SIZE",
     "UpstreamAddress",
@@ -157,9 +159,13 @@ class UpstreamConnection:
         if not data:
             return
         self.broken = True
+        left = fastsend.send_nowait(self.stream, data)
+        if not left:  # all taken at once (the usual case): no stall possible, no scope to enter
+            self.broken = False
+            return
         with trio.move_on_after(stall_timeout) as scope:
             try:
-                await self.stream.send_all(data)
+                await fastsend.send_all(self.stream, left)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamBroken(f"upstream connection failed while sending: {_cause(exc)}") from None
         if scope.cancelled_caught:

@@ -36,6 +36,8 @@ try:
 except ImportError:  # no C extension for this platform: still correct, ~100x slower masking
     from websockets.utils import apply_mask
 
+from . import fastsend
+
 SUBPROTOCOL = "rtunnel.v1"
 
 # The protocol allows frames up to 16 MiB - 1 plus a 9-byte header; the slack leaves room for a
@@ -323,7 +325,7 @@ class Transport:
     async def _send_all(self, data: bytes | memoryview) -> bool:
         """Write with the send lock held; False (reason recorded) if the socket failed."""
         try:
-            await self._stream.send_all(data)
+            await fastsend.send_all(self._stream, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail(_describe_stream_error(exc))
             return False

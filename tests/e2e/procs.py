@@ -51,6 +51,7 @@ __all__ = [
     "run_process",
     "run_relay",
     "run_upstream_process",
+    "wait_counts",
 ]
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
@@ -103,6 +104,14 @@ class ManagedProcess:
 
     def count_lines(self, pattern: str | re.Pattern[str], *, since: int = 0, stream: str = "stderr") -> int:
         return sum(1 for line in self._lines(stream)[since:] if _search(pattern, line))
+
+    async def wait_count(
+        self, pattern: str | re.Pattern[str], n: int, *, since: int = 0, timeout: float = DEFAULT_TIMEOUT
+    ) -> int:
+        """Wait until at least ``n`` stderr lines from ``since`` on match, and return how many do. For access
+        lines: those are buffered, up to 100 ms after their exchange ended."""
+        (count,) = await wait_counts([self], pattern, n, since=since, timeout=timeout)
+        return count
 
     async def wait_for_line(
         self,
@@ -278,6 +287,25 @@ def _unwrap_single() -> Iterator[None]:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+async def wait_counts(
+    procs: Sequence[ManagedProcess],
+    pattern: str | re.Pattern[str],
+    total: int,
+    *,
+    since: int = 0,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[int]:
+    """Wait until `procs` together wrote at least `total` stderr lines matching `pattern`; each one's count."""
+    with trio.move_on_after(timeout):
+        while True:
+            counts = [proc.count_lines(pattern, since=since) for proc in procs]
+            if sum(counts) >= total:
+                return counts
+            await trio.sleep(0.01)
+    names = ", ".join(proc.name for proc in procs)
+    raise ProcessFailed(f"{names}: fewer than {total} lines matching {pattern!r} after {timeout} s: {counts}")
 
 
 def _search(pattern: str | re.Pattern[str], line: str) -> re.Match[str] | None:

@@ -22,7 +22,16 @@ import pytest
 import trio
 
 from ..ports import bound_socket
-from .procs import RTUNNEL_CMD, Agent, ManagedProcess, http_client, run_agent, run_process, run_relay
+from .procs import (
+    RTUNNEL_CMD,
+    Agent,
+    ManagedProcess,
+    http_client,
+    run_agent,
+    run_process,
+    run_relay,
+    wait_counts,
+)
 from .test_resilience import AGENT_ARGS, RELAY_ARGS, note
 from .test_security_limits import raw_from
 from .upstream import Upstream
@@ -140,7 +149,7 @@ async def test_two_relays_behind_haproxy_survive_the_loss_of_one(
                 for i in range(40):
                     response = await client.get(f"/before/{i}")
                     assert response.status_code == 200, response.text
-                served = [relay.count_lines("rtunnel.relay.access") for relay in (first, second)]
+                served = await wait_counts([first, second], "rtunnel.relay.access", 40)
                 note(f"40 requests through HAProxy, per relay: {served}")
                 assert min(served) > 0  # both relays take traffic
 

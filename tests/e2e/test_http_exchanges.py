@@ -152,9 +152,9 @@ async def _500_concurrent_requests(relay: Relay, agent: Agent, upstream: Upstrea
                 nursery.start_soon(one, clients[i % 10], i)
     assert len(results) == 500
     # All of them went through the one agent, and each reached the upstream exactly once.
-    assert agent.count_lines("rtunnel.agent.access") == 500
+    assert await agent.wait_count("rtunnel.agent.access", 500) == 500
     assert sorted(int(p.rsplit("i=", 1)[1]) for p in upstream.paths) == list(range(500))
-    assert relay.count_lines(re.compile(r"relay\.access: .* 200 in=")) == 500
+    assert await relay.wait_count(re.compile(r"relay\.access: .* 200 in="), 500) == 500
 
 
 # --- streaming -------------------------------------------------------------------------------------------

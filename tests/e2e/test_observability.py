@@ -190,6 +190,22 @@ async def test_json_logs_carry_access_fields_and_request_ids(upstream: Upstream,
         assert request_id in access["message"]
 
 
+async def test_access_log_off_writes_no_access_line(upstream: Upstream, token: str) -> None:
+    off = ("--access-log", "off")
+    async with (
+        run_relay(token, extra_args=off) as relay,
+        run_agent(relay.agents_url, upstream.url, token=token, extra_args=off) as agent,
+    ):
+        await relay.wait_for_line("agent connected from")
+        async with http_client(relay.http_url) as client:
+            for _ in range(3):
+                assert (await client.get("/echo")).status_code == 200
+    # Both stopped (buffered lines are written at exit): other lines are there, access lines are not.
+    for proc in (relay, agent):
+        assert proc.count_lines("shutting down") == 1, proc.name
+        assert proc.count_lines(".access") == 0, proc.name
+
+
 async def test_request_id_generated_and_preserved_end_to_end(
     relay: Relay, agent: Agent, upstream: Upstream
 ) -> None:

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from ..faultproxy import open_fault_proxy
-from .procs import Agent, Relay, http_client, run_agent, run_relay
+from .procs import Agent, Relay, http_client, run_agent, run_relay, wait_counts
 from .upstream import Upstream, payload
 
 pytestmark = pytest.mark.e2e
@@ -167,8 +167,11 @@ def resent_or_excused(method: str, outcome: str) -> bool:
     return method == "POST" or outcome.startswith("broken") or bool(re.search(r"after \d attempts", outcome))
 
 
+AGENT_ACCESS = re.compile(r"rtunnel\.agent\.access: (GET|POST) ")
+
+
 def agent_access_count(agent: Agent) -> int:
-    return agent.count_lines(re.compile(r"rtunnel\.agent\.access: (GET|POST) "))
+    return agent.count_lines(AGENT_ACCESS)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -309,7 +312,7 @@ async def test_agent_killed_and_replaced_serves_at_once(upstream: Upstream, toke
             for i in range(20):
                 response = await client.get(f"/new/{i}")
                 assert response.status_code == 200, response.text
-            assert agent_access_count(new) == 20
+            assert await new.wait_count(AGENT_ACCESS, 20) == 20
         assert relay.count_lines("agent connected") == 2
 
 
@@ -401,7 +404,7 @@ async def test_two_agents_share_the_load_and_losing_one_loses_nothing_it_had_not
     ):
         spread = await run_load(relay.http_url, requests=300, concurrency=30, seed=5, prefix="spread")
         assert spread.ok == 300, spread.summary()
-        counts = agent_access_count(first), agent_access_count(second)
+        counts = tuple(await wait_counts([first, second], AGENT_ACCESS, 300))
         note(f"300 requests spread over two agents: {counts}")
         assert min(counts) > 0 and sum(counts) == 300
         stop = trio.Event()

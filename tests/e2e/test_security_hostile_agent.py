@@ -26,7 +26,7 @@ from rtunnel.conformance.peers import (
     hostile_agent,
     u32,
 )
-from rtunnel.relay import STREAM_WINDOW
+from rtunnel.relay import FRAME_SIZE, STREAM_WINDOW
 
 from .procs import Relay, http_client, run_agent, run_relay
 from .upstream import Upstream
@@ -98,8 +98,8 @@ async def test_oversized_frame_is_frame_size_error(upstream: Upstream, token: st
     async with rig(upstream, token) as t:
         mark = t.relay.mark()
         async with t.hostile() as bad:
-            # An unknown frame type still counts against MAX_FRAME_SIZE (16384): judged from its header.
-            await bad.send(frame(0x20, 0, 0, bytes(16385)))
+            # An unknown frame type still counts against MAX_FRAME_SIZE (the relay's): judged from its header.
+            await bad.send(frame(0x20, 0, 0, bytes(FRAME_SIZE + 1)))
             assert await bad.goaway_code() is ErrorCode.FRAME_SIZE_ERROR
             await bad.wait_closed()
         await t.wait_disconnect("FRAME_SIZE_ERROR", since=mark)

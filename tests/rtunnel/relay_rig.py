@@ -4,7 +4,7 @@ memory streams, in front of a fake agent (a real `Multiplexer` pair over the in-
 The fake agent records every request head and body it receives (`rig.agent.seen`): what the upstream would
 have been sent. It answers ``200`` with ``METHOD TARGET`` and the body length, except:
 
-* ``/hold/<key>``: waits for ``rig.agent.release(key)`` first;
+* ``/hold/<key>``: waits for ``rig.agent.release(key)`` first (or until the relay resets the stream: `reset`);
 * ``/big/<n>``: a body of n bytes.
 """
 
@@ -70,6 +70,7 @@ class Seen:
     head: RequestHead
     body: bytes = b""
     complete: bool = False  # the request direction ended normally (not reset)
+    reset: bool = False  # the relay reset the stream while it was held
 
 
 @dataclass
@@ -94,7 +95,12 @@ class FakeAgent:
             record.body = bytes(body)
         target = head.target
         if target.startswith(b"/hold/"):
-            await self._releases.setdefault(target[6:], trio.Event()).wait()
+            with trio.CancelScope() as scope:
+                stream.cancel_on_reset(scope)
+                await self._releases.setdefault(target[6:], trio.Event()).wait()
+            if scope.cancelled_caught:
+                record.reset = True
+                return
         if match := re.fullmatch(rb"/big/(\d+)", target):
             payload = bytes(int(match.group(1)))
         else:
