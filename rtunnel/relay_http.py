@@ -121,6 +121,7 @@ class ClientConnection:
         scheme: str = "http",
         exchanges: Counter | None = None,
         on_exchange: Callable[[Access], None] | None = None,
+        watchers: trio.Nursery | None = None,
     ) -> None:
         self._stream = stream
         self._on_exchange = on_exchange  # called with each exchange's access record (metrics)
@@ -145,7 +146,11 @@ class ClientConnection:
         self._holds_slot: str | None = None  # the key under which this exchange counts in self._exchanges
         self.busy = False  # an exchange is in progress (the relay's drain waits for those)
         self.draining = False  # set by the relay's drain: close once the current exchange is done
-        self._nursery: trio.Nursery | None = None  # the connection's, for a late client watcher
+        # Where a late client watcher runs: the relay's handler nursery, given in `watchers`, as a nursery per
+        # connection, held as long as the connection, costs each held long poll ~1.5 KiB; without one, serve
+        # opens its own.
+        self._nursery = watchers
+        self._watch_error: Exception | None = None  # the watcher's unexpected failure, raised by the exchange
         self._watch_at: float | None = None  # a bodiless exchange's time to start watching the client
         self._watcher: tuple[trio.CancelScope, trio.Event] | None = None  # (its scope, set once it ended)
         self.inspector: Inspector | None = None  # --inspect: record each exchange (the one hook, _exchange)
@@ -174,6 +179,9 @@ class ClientConnection:
         return True
 
     async def serve(self) -> None:
+        if self._nursery is not None:
+            await self._serve()
+            return
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
@@ -413,6 +421,9 @@ class ClientConnection:
                     watcher[0].cancel()
             if watcher is not None:
                 await watcher[1].wait()  # it no longer reads from the client: the next request is ours
+                if self._watch_error is not None:
+                    error, self._watch_error = self._watch_error, None
+                    raise error
             return await self._after_response(stream, outcome)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._request_side, stream, outcome, has_body, replay)
@@ -474,17 +485,20 @@ class ClientConnection:
 
     def _start_watcher(self, stream: MuxStream, outcome: _Outcome) -> None:
         assert self._nursery is not None and self._watcher is None
-        scope, ended = trio.CancelScope(), trio.Event()
+        self._watcher = scope, ended = trio.CancelScope(), trio.Event()
+        # A method, not a closure: its arguments live in the coroutine's frame, with no function or cells.
+        self._nursery.start_soon(self._watch, stream, outcome, scope, ended)
 
-        async def watch() -> None:
-            try:
-                with scope:
-                    await self._request_side(stream, outcome, False, _Replay())
-            finally:
-                ended.set()
-
-        self._watcher = scope, ended
-        self._nursery.start_soon(watch)
+    async def _watch(
+        self, stream: MuxStream, outcome: _Outcome, scope: trio.CancelScope, ended: trio.Event
+    ) -> None:
+        try:
+            with scope:
+                await self._request_side(stream, outcome, False, _Replay())
+        except Exception as exc:  # in the relay's nursery it must not end every other connection
+            self._watch_error = exc
+        finally:
+            ended.set()
 
     async def _switched(self, stream: MuxStream, outcome: _Outcome) -> None:
         """After a 101: raw bytes both ways until both sides closed (SPEC 5.5); the connection then ends.
