@@ -61,6 +61,12 @@ YIELD_EVERY = 16
 # The answer to an agent's WebSocket upgrade on the clients' listener (421 Misdirected Request).
 MISDIRECTED_AGENT = 421
 
+# Held by a connection between its reads, so that an exchange in progress (a held long poll) keeps neither the
+# bytes its request arrived in (a memoryview's slice, even empty, keeps them) nor the checker of its judged head.
+_NOTHING = memoryview(b"")
+_JUDGED = HeadChecker()
+_JUDGED.complete = True  # takes no more bytes (a fresh checker is made for each head)
+
 
 @dataclasses.dataclass(frozen=True)
 class HttpLimits:
@@ -140,7 +146,7 @@ class ClientConnection:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_size)
         # Exchanges in progress per client address, shared by all connections of one relay.
         self._exchanges = exchanges or Counter(per_key=limits.max_exchanges_per_ip)
-        self._unfed = memoryview(b"")  # read from the client, not yet given to h11 (see FEED_SIZE)
+        self._unfed = _NOTHING  # read from the client, not yet given to h11 (see FEED_SIZE)
         self._chunked = False  # the current request's body is chunked
         self._head_checker = HeadChecker()  # strict checks on the raw head being received (httpstrict)
         self._holds_slot: str | None = None  # the key under which this exchange counts in self._exchanges
@@ -221,7 +227,7 @@ class ClientConnection:
         careful = state is h11.IDLE or (state is h11.SEND_BODY and self._chunked)
         size = FEED_SIZE if careful else len(self._unfed)
         piece = bytes(self._unfed[:size])
-        self._unfed = self._unfed[size:]
+        self._unfed = self._unfed[size:] if size < len(self._unfed) else _NOTHING
         if state is h11.IDLE:
             self._head_checker.feed(piece)
         self._h11.receive_data(piece)
@@ -278,6 +284,7 @@ class ClientConnection:
             return None
         if not isinstance(event, h11.Request):
             return None
+        self._head_checker = _JUDGED
         return event
 
     def _head_event_nowait(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
@@ -508,7 +515,7 @@ class ClientConnection:
         # it was given, self._unfed those read but not yet given to it.
         data, _ = self._h11.trailing_data
         initial = data + bytes(self._unfed)
-        self._unfed = memoryview(b"")
+        self._unfed = _NOTHING
         pumped = await pump(stream, self._stream, initial=initial, what="client")
         outcome.bytes_in, outcome.bytes_out = pumped.into_stream, pumped.out_of_stream
         if pumped.error is not None:
