@@ -116,6 +116,37 @@ class _Abort(Exception):
 class ClientConnection:
     """One client TCP connection on the relay's HTTP listener."""
 
+    # Slots: one of these lives as long as its connection, a held long poll's too.
+    __slots__ = (
+        "_capture",
+        "_chunked",
+        "_client",
+        "_client_ip",
+        "_error_note",
+        "_exchanges",
+        "_h11",
+        "_head_checker",
+        "_holds_slot",
+        "_idle_scope",
+        "_limits",
+        "_nursery",
+        "_on_exchange",
+        "_request_id",
+        "_router",
+        "_scheme",
+        "_stream",
+        "_trusted",
+        "_unfed",
+        "_watch_at",
+        "_watch_error",
+        "_watcher",
+        "busy",
+        "draining",
+        "idle_since",
+        "inspector",
+        "reclaimed",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
