@@ -6,6 +6,7 @@ and wss://), in one run.
     python bench/run.py --compare main  # and a column for another revision (or checkout directory) of rtunnel
     python bench/run.py --serve         # start everything, print URLs and PIDs, wait for Ctrl-C (for profiling)
     python bench/run.py --profile DIR   # py-spy the relay and the agent under each load (needs py-spy)
+    python bench/run.py --apps          # a Starlette app behind `dial --app` vs uvicorn behind --upstream
 
 Needs the Debian packages nginx, openssh-server, openssh-client, wrk, curl and openssl (the script says how to
 install them if one is missing), a Python with this repository's dependencies, and the first time, PyPI, from
@@ -207,6 +208,7 @@ def parse_args() -> argparse.Namespace:
     )
     add("--compare", action="append", default=[], metavar="REV_OR_DIR", help="also measure rtunnel from this git revision, or from this checkout directory (with its .venv if it has one); repeatable")  # fmt: skip
     add("--json", type=Path, help="also write the raw results here")
+    add("--apps", action="store_true", help="instead: a Starlette app behind --app vs --upstream uvicorn")
     add(
         "--profile", type=Path, metavar="DIR", help="instead of the benchmark: py-spy the relay and the agent"
     )
@@ -231,6 +233,10 @@ def main() -> int:
     args = parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
+    if args.apps:
+        from apps import run_apps
+
+        return run_apps(rounds, seconds)
     bulk = (args.bulk_mib or (32 if args.quick else 256)) << 20
     scale = args.scale if args.scale is not None else (1000 if args.quick else 10_000)
     if "ws" not in args.only or args.serve or args.profile:

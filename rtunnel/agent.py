@@ -77,6 +77,7 @@ class Agent:
         self._draining = False
         self._stop = trio.Event()  # set by drain(): wakes loops sleeping between attempts
         self._finished = trio.Event()  # every reconnect loop has returned
+        self._connected = trio.Event()  # a first link came up
 
     async def run(self) -> None:
         """Keep a connection to every relay until cancelled, or until drain() let them all close."""
@@ -175,6 +176,7 @@ class Agent:
                     self.connections[url] = mux
                     self.metrics.link_up(mux, url, tunnel=config.tunnel)
                     log.info("connected to %s", url)
+                    self._connected.set()
                     if self._draining:  # drain() began while we were connecting
                         mux.goaway()
             except* (LinkDead, RemoteProtocolError, transport.TransportClosed) as group:
@@ -198,6 +200,10 @@ class Agent:
     def goaway_all(self) -> None:
         for mux in self.connections.values():
             mux.goaway()
+
+    async def wait_connected(self) -> None:
+        """Return once a first connection to a relay is up (what `nursery.start(rtunnel.dial)` waits for)."""
+        await self._connected.wait()
 
     async def wait_idle(self) -> None:
         for mux in list(self.connections.values()):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import h11
@@ -80,7 +80,9 @@ _REASONS: Final = {
     400: b"Bad Request",
     403: b"Forbidden",
     414: b"URI Too Long",
+    500: b"Internal Server Error",
     502: b"Bad Gateway",
+    503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
 
@@ -199,6 +201,9 @@ class _Exchange:
             await self.reply_error(400, f"rtunnel agent: {prepared}\n")
             return
         headers, content_length, chunked_hint = prepared
+        if handler.app_call is not None:  # an in-process app (rtunnel.service) takes it from here
+            await handler.app_call(self, decision.target, headers, content_length)
+            return
         body = _RequestBody(self.stream)
         # An upgrade request has no body, and the relay keeps its direction open for the switched
         # protocol: peeking for a body there would wait for bytes that come only after a 101.
@@ -553,6 +558,10 @@ class ExchangeHandler:
     the request was sent, and any single stall while sending the request body. Start `run()` in a nursery
     to close idle connections on time; call `aclose()` at shutdown.
     """
+
+    # Set by rtunnel.service.AppExchangeHandler: an app run in-process takes each request that passed the
+    # checks, instead of an upstream connection.
+    app_call: Callable[[_Exchange, bytes, list[Header], int | None], Awaitable[None]] | None = None
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -46,12 +46,36 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .registry import Tunnel
     from .relay import Relay
+    from .service import AppService
 
 __all__ = ["EXIT_CONFIG", "EXIT_RUNTIME", "build_parser", "main"]
 
 log = logging.getLogger("rtunnel")
 
 EXIT_RUNTIME = 1
+
+
+class Runner(Protocol):
+    """What `serve` and `dial` run (rtunnel.api too): until cancelled; `task_status` once up."""
+
+    def __call__(self, *, task_status: trio.TaskStatus[Any] = ...) -> Awaitable[None]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Listening:
+    """Where a relay listens (what `nursery.start(rtunnel.serve, ...)` returns: ports may have been 0)."""
+
+    http: tuple[str, int]
+    agents: tuple[str, int]
+    tls: bool = False
+
+    @property
+    def agents_url(self) -> str:
+        return f"{'wss' if self.tls else 'ws'}://{self.agents[0]}:{self.agents[1]}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http[0]}:{self.http[1]}"
 
 
 def _trusted_proxies(cidrs: Sequence[str]) -> tuple[str, ...]:
@@ -112,16 +136,6 @@ def _check_admin_token(token: str) -> None:
         raise ConfigError("admin token: at least 16 characters (e.g. `openssl rand -hex 16`)")
 
 
-async def _run_with_admin(admin: AdminServer | None, run: Callable[[], Awaitable[None]]) -> None:
-    if admin is None:
-        await run()
-        return
-    async with trio.open_nursery() as nursery:
-        await nursery.start(admin.run)
-        await run()
-        nursery.cancel_scope.cancel()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -133,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format, access=getattr(args, "access_log", "on") == "on")
     if args.command in ("status", "cert", "token", "completion"):
         return _run_tool(parser, args)
+    runner: Callable[[], Awaitable[None]]
     try:
         if args.command == "serve":
             runner = _serve_runner(args)
@@ -175,7 +190,7 @@ def _run_tool(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
+def _serve_runner(args: argparse.Namespace) -> Runner:
     from .relay import Relay, RelayConfig
     from .relay_http import HttpLimits
 
@@ -235,10 +250,14 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     # A CA made by `rtunnel cert` beside the certificate is what agents need for --ca.
     ca_file = "ca.pem" if args.tls_cert and Path(args.tls_cert).with_name("ca.pem").is_file() else None
 
-    async def serve_and_tell() -> None:
+    async def serve_and_tell(*, task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(relay.run)
             assert relay.http_address is not None and relay.agents_address is not None
+            agents = relay.agents_address
+            task_status.started(
+                Listening(relay.http_address, (agents[0], agents[1]), config.ssl_context is not None)
+            )
             for line in connect_hints(
                 relay.http_address,
                 relay.agents_address,
@@ -249,10 +268,13 @@ def _serve_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
             ):
                 log.info("%s", line)
 
-    async def run() -> None:
+    async def run(*, task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_reload_tokens_on_sighup, relay, token_file)
-            await _run_with_admin(admin, serve_and_tell)
+            if admin is not None:
+                await nursery.start(admin.run)
+            async with trio.open_nursery() as relay_nursery:
+                task_status.started(await relay_nursery.start(serve_and_tell))
             nursery.cancel_scope.cancel()
 
     async def drain() -> None:
@@ -333,7 +355,7 @@ async def _reload_tokens_on_sighup(relay: Relay, token_file: str | None) -> None
                 relay.inspector.redactor.add_secrets(group.token for group in groups)
 
 
-def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
+def _dial_runner(args: argparse.Namespace) -> Runner:
     from protocol import Settings
 
     from . import transport
@@ -341,6 +363,7 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     from .agent_http import ExchangeHandler
     from .allowlist import Allowlist, AllowRuleError
     from .relay import FRAME_SIZE, STREAM_WINDOW, TUNNEL_HEADER
+    from .service import AppExchangeHandler
     from .transport import parse_relay_url
 
     for url in args.relay_urls:
@@ -359,15 +382,20 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     if args.ca and not needs_tls:
         raise ConfigError("--ca only applies to wss:// relay URLs")
     ssl_context = client_tls_context(args.ca, args.insecure) if needs_tls else None
-    try:
-        handler = ExchangeHandler(
-            args.upstream,
-            allowlist,
-            connect_timeout=args.connect_timeout,
-            response_timeout=args.response_timeout,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"--upstream: {exc}") from None
+    service = _app_service(args)
+    handler: ExchangeHandler
+    if service is not None:
+        handler = AppExchangeHandler(service, allowlist, response_timeout=args.response_timeout)
+    else:
+        try:
+            handler = ExchangeHandler(
+                args.upstream,
+                allowlist,
+                connect_timeout=args.connect_timeout,
+                response_timeout=args.response_timeout,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--upstream: {exc}") from None
     config = AgentConfig(
         relay_urls=args.relay_urls,
         token=token,
@@ -392,15 +420,16 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     agent = Agent(config, handler, connect=connect)
     handler.on_exchange = agent.metrics.record_exchange
     agent.metrics.pooled_connections = lambda: handler.pool.idle_count
-    info = {"allowlist": [rule.text for rule in allowlist.rules], "upstream": args.upstream}
+    target = args.upstream if service is None else f"the app {args.app}"
+    info = {"allowlist": [rule.text for rule in allowlist.rules], "upstream": target}
     admin, handler.inspector = _admin_server(
         args, agent.metrics, [token.encode()] if token else [], info=info
     )
     grace = args.grace
 
-    async def run() -> None:
+    async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if allowlist.unrestricted:
-            log.warning("no --allow rule: every request is forwarded to %s (unrestricted)", args.upstream)
+            log.warning("no --allow rule: every request is forwarded to %s (unrestricted)", target)
         if args.insecure:
             log.warning(
                 "--insecure: the relay's certificate is NOT verified; anyone on the path can impersonate it"
@@ -409,8 +438,15 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
             log.warning("no token set: the relay must be running without authentication")
         try:
             async with trio.open_nursery() as nursery:
+                if service is not None:
+                    # ASGI lifespan start-up completes before the agent dials: no request meets an unready app.
+                    await nursery.start(service.run)
                 nursery.start_soon(handler.run)  # expires idle upstream connections
-                await _run_with_admin(admin, agent.run)
+                if admin is not None:
+                    await nursery.start(admin.run)
+                nursery.start_soon(agent.run)
+                await agent.wait_connected()
+                task_status.started()
         finally:
             with trio.CancelScope(shield=True):
                 await handler.aclose()
@@ -419,9 +455,37 @@ def _dial_runner(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
         # SIGTERM: stop taking new exchanges (GOAWAY), let the running ones finish within the grace period.
         agent.metrics.draining = True
         await agent.drain(grace)
+        if service is not None:
+            await service.shutdown()  # ASGI lifespan shutdown, once the exchanges are done
 
     run.drain = drain  # type: ignore[attr-defined]
     return run
+
+
+def _app_service(args: argparse.Namespace) -> AppService | None:
+    """The app of `--app` (a MODULE:ATTR, or the object itself through the library API), or None."""
+    from .appload import AppLoadError, LoadedApp, detect_interface, load_app
+    from .service_asgi import AsgiService
+    from .service_wsgi import WsgiService
+
+    if (args.upstream is None) == (args.app is None):
+        raise ConfigError("give exactly one of --upstream URL and --app MODULE:ATTR")
+    if args.app is None:
+        return None
+    if isinstance(args.app, str):
+        try:
+            loaded = load_app(args.app, app_dir=args.app_dir, factory=args.factory, interface=args.interface)
+        except AppLoadError as exc:
+            if exc.__cause__ is not None:  # the app's own exception: its traceback, for --log-level debug
+                log.debug("loading --app %s failed", args.app, exc_info=exc.__cause__)
+            raise ConfigError(str(exc)) from None
+    else:
+        interface = detect_interface(args.app) if args.interface == "auto" else args.interface
+        loaded = LoadedApp(args.app, interface, repr(args.app))
+    log.info("serving the %s app %s in-process", loaded.interface.upper(), loaded.name)
+    if loaded.interface == "asgi":
+        return AsgiService(loaded.app, lifespan=args.lifespan, response_timeout=args.response_timeout)
+    return WsgiService(loaded.app, threads=args.app_threads, response_timeout=args.response_timeout)
 
 
 async def _until_signal(runner: Callable[[], Awaitable[None]], command: str | None = None) -> int:

@@ -240,11 +240,11 @@ def _dial_parser(dial: argparse.ArgumentParser) -> None:
     )
     dial.add_argument(
         "--upstream",
-        required=True,
         type=upstream_url,
         metavar="URL",
-        help="the local service (required): http://HOST:PORT, HOST:PORT or PORT (then 127.0.0.1)",
+        help="the local service: http://HOST:PORT, HOST:PORT or PORT (then 127.0.0.1); required unless --app",
     )
+    _app_options(dial)
     _token_options(dial)
     dial.add_argument(
         "--allow",
@@ -406,6 +406,46 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
     )
     add("--auth-fail-limit", _count, relay.auth_fail_limit, "N", "failed agent logins per address, then 429")
     add("--auth-fail-window", float, relay.auth_fail_window, "SECONDS", "window of --auth-fail-limit")
+
+
+def _app_options(parser: argparse.ArgumentParser) -> None:
+    """`dial --app`: run a WSGI or ASGI app in the agent itself (rtunnel.service), uvicorn's option names."""
+    group = parser.add_argument_group("in-process application (instead of --upstream)")
+    group.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="a WSGI or ASGI app to run in the agent, e.g. myproject.web:app; required unless --upstream",
+    )
+    group.add_argument(
+        "--app-dir", default=".", metavar="DIR", help="put DIR first on sys.path to import --app"
+    )
+    group.add_argument("--factory", action="store_true", help="ATTR is a function returning the app")
+    group.add_argument(
+        "--interface",
+        default="auto",
+        choices=["auto", "asgi", "wsgi"],
+        help="auto tells them apart as uvicorn does",
+    )
+    group.add_argument(
+        "--app-threads",
+        type=_count_positive,
+        default=40,
+        metavar="N",
+        help="WSGI: worker threads running the app at once",
+    )
+    group.add_argument(
+        "--lifespan",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="ASGI lifespan: start-up before dialing, shutdown after the drain",
+    )
+
+
+def _count_positive(text: str) -> int:
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 def _balancer_options(parser: argparse.ArgumentParser) -> None:

@@ -208,9 +208,11 @@ class _AccessSink:
     def flush(self) -> None:
         if not self._lines:
             return
-        text = "".join(self._lines)
-        self._lines.clear()
+        # Swapped, not cleared after the join: a WSGI app's worker thread logs too (`--app`), and its line
+        # makes _Handler.emit flush from that thread while the trio thread may be adding an access line.
+        lines, self._lines = self._lines, []
         self._size = 0
+        text = "".join(lines)
         try:
             self.stream.write(text)
             self.stream.flush()

@@ -338,8 +338,11 @@ async def run_process(
     *,
     env: Mapping[str, str] | None = None,
     expect_returncode: int | None = 0,
+    pass_fds: Sequence[int] = (),
 ) -> AsyncIterator[P]:
-    """Start ``args`` (cwd = repo root), drain its output, stop it on exit (see the module docstring)."""
+    """Start ``args`` (cwd = repo root), drain its output, stop it on exit (see the module docstring).
+
+    ``pass_fds``: file descriptors the child inherits under the same numbers (a socket bound for it)."""
     proc = await trio.lowlevel.open_process(
         list(args),
         stdin=subprocess.DEVNULL,
@@ -347,6 +350,7 @@ async def run_process(
         stderr=subprocess.PIPE,
         cwd=REPO_ROOT,
         env=_child_env(env),
+        pass_fds=tuple(pass_fds),
     )
     managed = cls(name, args, proc)
     managed.expect_returncode = expect_returncode

@@ -13,13 +13,15 @@ import os
 import re
 import secrets
 import shutil
-import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
+from ..ports import bound_socket
 from .procs import (
     RTUNNEL_CMD,
     Agent,
@@ -50,13 +52,8 @@ def token() -> str:
     return "t" + secrets.token_urlsafe(16)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def haproxy_config(front: int, backends: list[int]) -> str:
+    # `front` is the number of an inherited file descriptor: the test binds the port and HAProxy listens.
     # TCP mode: HAProxy knows nothing of HTTP, as with any L4 balancer. A dead relay refuses connections:
     # `retries` + `redispatch` send such a connection to the other relay, and the health checks take the
     # dead one out of the rotation shortly after.
@@ -77,13 +74,30 @@ defaults
     option redispatch 1
 
 frontend tunnel_http
-    bind 127.0.0.1:{front}
+    bind fd@{front}
     default_backend relays
 
 backend relays
     balance roundrobin
 {servers}
 """
+
+
+@asynccontextmanager
+async def run_haproxy(config: Path, make_config: Callable[[int], str]) -> AsyncIterator[int]:
+    """HAProxy with `make_config(fd)` listening on a socket the test bound (never a port probed free, which
+    another process may take before HAProxy binds it); yields that socket's port."""
+    assert HAPROXY is not None
+    with bound_socket() as sock:
+        await trio.Path(config).write_text(make_config(sock.fileno()))
+        async with run_process(
+            ManagedProcess,
+            "haproxy",
+            [HAPROXY, "-db", "-f", str(config)],
+            expect_returncode=None,
+            pass_fds=[sock.fileno()],
+        ):
+            yield int(sock.getsockname()[1])
 
 
 async def wait_accepting(port: int) -> None:
@@ -124,12 +138,10 @@ async def test_two_relays_behind_haproxy_survive_the_loss_of_one(
     ):
         await agent.wait_for_line(f"connected to {second.agents_url}")
         await agent.wait_for_line(f"connected to {first.agents_url}")
-        front = free_port()
         config = tmp_path / "haproxy.cfg"
-        config.write_text(haproxy_config(front, [first.http_port, second.http_port]))
-        async with run_process(
-            ManagedProcess, "haproxy", [HAPROXY, "-db", "-f", str(config)], expect_returncode=None
-        ):
+        async with run_haproxy(
+            config, lambda fd: haproxy_config(fd, [first.http_port, second.http_port])
+        ) as front:
             await wait_accepting(front)
             base = f"http://127.0.0.1:{front}"
             # No keep-alive: each request is a new TCP connection, balanced on its own.
@@ -155,6 +167,7 @@ async def test_two_relays_behind_haproxy_survive_the_loss_of_one(
 
 
 def haproxy_proxy_protocol_config(front: int, relay_port: int, send: str) -> str:
+    # `front`: an inherited, bound socket's file descriptor, as in haproxy_config.
     # The PROXY header is HAProxy's way to tell an L4 backend who the client is (`send-proxy` v1 text,
     # `send-proxy-v2` binary), the same as README's "several relays" configuration.
     return f"""\
@@ -168,7 +181,7 @@ defaults
     timeout server 30s
 
 frontend tunnel_http
-    bind 127.0.0.1:{front}
+    bind fd@{front}
     default_backend relays
 
 backend relays
@@ -186,12 +199,10 @@ async def test_behind_haproxy_with_the_proxy_protocol_each_client_is_itself(
         run_relay(token, extra_args=[*RELAY_ARGS, *limits]) as relay,
         run_agent(relay.agents_url, upstream.url, token=token),
     ):
-        front = free_port()
         config = tmp_path / "haproxy.cfg"
-        config.write_text(haproxy_proxy_protocol_config(front, relay.http_port, send))
-        async with run_process(
-            ManagedProcess, "haproxy", [HAPROXY, "-db", "-f", str(config)], expect_returncode=None
-        ):
+        async with run_haproxy(
+            config, lambda fd: haproxy_proxy_protocol_config(fd, relay.http_port, send)
+        ) as front:
             await wait_accepting(front)
             async with (
                 raw_from("127.0.0.2", front) as first,

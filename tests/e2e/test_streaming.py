@@ -3,8 +3,10 @@
 No test measures time. Event-by-event delivery is shown by ordering: the upstream writes event k+1 only after
 the client has read event k (tests/e2e/upstream.py ``/events/<key>``), so a tunnel that held event k back
 (buffering, batching, waiting for more) would never deliver it, and the test would fail on its budget.
-The no-deadline tests configure every timeout the relay and agent have at 1 s and keep an exchange open, idle,
-for several times that: they pass only if none of those timeouts applies to an exchange in progress.
+The no-deadline tests configure every timeout the relay and agent have at SHORT s and keep an exchange open,
+idle, for several times that: they pass only if none of those timeouts applies to an exchange in progress.
+SHORT is the one real-time margin: the pongs, request heads and response heads that must beat it cross three
+processes, so it is kept well above what they may take on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -26,20 +28,21 @@ pytestmark = pytest.mark.e2e
 BUDGET = 60  # seconds for a whole test on a loaded machine; a tunnel that buffers hangs, then fails
 
 # Every timeout of the relay and the agent, set low; IDLE is several times longer.
+SHORT = "2"
 SHORT_TIMEOUTS_RELAY = [
     "--idle-timeout",
-    "1",
+    SHORT,
     "--head-timeout",
-    "1",
+    SHORT,
     "--stall-timeout",
-    "1",
+    SHORT,
     "--ping-interval",
     "0.25",
     "--dead-timeout",
-    "1",
+    SHORT,
 ]
-SHORT_TIMEOUTS_AGENT = ["--response-timeout", "1", "--ping-interval", "0.25", "--dead-timeout", "1"]
-IDLE = 3.5
+SHORT_TIMEOUTS_AGENT = ["--response-timeout", SHORT, "--ping-interval", "0.25", "--dead-timeout", SHORT]
+IDLE = 3.5 * float(SHORT)
 
 
 @asynccontextmanager
@@ -104,7 +107,7 @@ async def test_relay_timeouts_do_not_apply_while_a_response_head_is_awaited(
     token: str, upstream: Upstream
 ) -> None:
     # The agent's --response-timeout (the time the upstream has to start answering) is the one deadline
-    # before a response head; here it is generous while the relay's own are 1 s.
+    # before a response head; here it is generous while the relay's own are SHORT.
     agent_args = ["--response-timeout", "30"]
     with trio.fail_after(BUDGET):
         async with (

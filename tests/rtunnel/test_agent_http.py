@@ -18,15 +18,17 @@ import trio.testing
 from protocol import ErrorCode, RequestHead
 from rtunnel.agent_http import ExchangeHandler
 from rtunnel.allowlist import Allowlist
+from rtunnel.logs import Access
 from rtunnel.mux import MuxStream, StreamReset
+from rtunnel.upstream import UpstreamConnection
 from tests.e2e.upstream import Upstream, open_upstream, payload_sha256
+from tests.ports import refused_port
 
 from .agent_harness import (
     HOST,
     ServerConn,
     call,
     chunks_of,
-    closed_port,
     scripted_upstream,
     tunnel,
     wait_until,
@@ -205,10 +207,10 @@ async def test_host_with_a_path_is_refused_before_the_upstream(upstream: Upstrea
 
 
 async def test_upstream_down_is_502_naming_the_reason() -> None:
-    port = closed_port()
-    async with tunnel(f"http://127.0.0.1:{port}") as t:
-        result = await call(t.relay, b"GET", b"/")
-        posted = await call(t.relay, b"POST", b"/x", body=b"data")
+    with refused_port() as port:
+        async with tunnel(f"http://127.0.0.1:{port}") as t:
+            result = await call(t.relay, b"GET", b"/")
+            posted = await call(t.relay, b"POST", b"/x", body=b"data")
     assert result.status == 502
     assert f"upstream refused connection at 127.0.0.1:{port}".encode() in result.body
     assert posted.status == 502
@@ -217,6 +219,9 @@ async def test_upstream_down_is_502_naming_the_reason() -> None:
 async def test_slow_upstream_is_504(upstream: Upstream) -> None:
     async with tunnel(upstream.url, response_timeout=0.3) as t:
         result = await call(t.relay, b"GET", b"/sleep?s=30")
+        # The same handler, pool included, serves on; a 0.3 s deadline on this answer would fail on a
+        # loaded machine, so it gets the default.
+        t.handler.response_timeout = 60
         after = await call(t.relay, b"GET", b"/bytes/5")
     assert result.status == 504
     assert b"no response within 0.3 s" in result.body
@@ -334,8 +339,21 @@ async def test_relay_reset_mid_upload_discards_the_upstream_connection(upstream:
         for _ in range(16):
             await stream.send_data(b"x" * 65536)
         await wait_until(lambda: t.handler.pool.in_use == 1 and stream.bytes_sent > 0)
+        # The agent's mux forgets the stream as soon as the RESET arrives (in_flight drops to 0), while the
+        # handler still has its cleanup to run: wait for the handler's end, which its access record marks.
+        ended = trio.Event()
+        notes: list[str | None] = []
+
+        def record(access: Access) -> None:
+            notes.append(access.note)
+            ended.set()
+
+        t.handler.on_exchange = record
         stream.reset(ErrorCode.CANCEL)
-        await wait_until(lambda: t.agent.in_flight == 0)
+        with trio.fail_after(10):
+            await ended.wait()
+        assert notes == ["stream reset (peer, CANCEL)"]
+        assert t.agent.in_flight == 0
         assert t.handler.pool.in_use == 0
         assert t.handler.pool.idle_count == 0  # never pooled half-used
         after = await call(t.relay, b"POST", b"/sha256", body=b"abc")
@@ -408,10 +426,21 @@ async def test_concurrent_exchanges_and_idle_bound(upstream: Upstream) -> None:
     assert upstream.state.connections == 5
 
 
-async def test_idle_connections_expire(upstream: Upstream) -> None:
+async def test_idle_connections_expire(upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
     async with tunnel(upstream.url, idle_timeout=0.1) as t:
+        pool = t.handler.pool
+        # Looked at when the connection is given back: by the time call() returns, a loaded machine may
+        # already have let the 0.1 s run out.
+        idle_after_release: list[int] = []
+        release = pool.release
+
+        def observed_release(conn: UpstreamConnection) -> None:
+            release(conn)
+            idle_after_release.append(pool.idle_count)
+
+        monkeypatch.setattr(pool, "release", observed_release)
         await call(t.relay, b"GET", b"/bytes/1")
-        assert t.handler.pool.idle_count == 1
+        assert idle_after_release == [1]
         await wait_until(lambda: t.handler.pool.idle_count == 0)  # closed by handler.run(), no traffic needed
         await call(t.relay, b"GET", b"/bytes/1")
     assert upstream.state.connections == 2

@@ -211,10 +211,11 @@ def test_a_flag_replaces_the_files_alternatives(tmp_path: Path) -> None:
 
 
 def test_without_a_file_required_options_stay_required(capsys: pytest.CaptureFixture[str]) -> None:
+    # (--upstream is no longer one: exactly one of it and --app is, checked once the file is applied.)
     with pytest.raises(SystemExit) as info:
-        parse(["dial", "ws://127.0.0.1:1"])
+        parse(["dial"])
     assert info.value.code == cli.EXIT_CONFIG
-    assert "--upstream" in capsys.readouterr().err
+    assert "RELAY_URL" in capsys.readouterr().err
 
 
 def test_help_is_unaffected(capsys: pytest.CaptureFixture[str]) -> None:
