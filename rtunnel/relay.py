@@ -125,6 +125,7 @@ class Relay:
         self._draining = False
         self._http_accepting = trio.CancelScope()
         self._http_closed = trio.Event()
+        self._handlers: trio.Nursery | None = None  # where client connections' tasks run (run's nursery)
         # Client connections and the scope each runs in (drain() cancels the idle ones).
         self._clients: dict[ClientConnection, trio.CancelScope] = {}
         self._clients_changed = trio.Event()
@@ -233,6 +234,7 @@ class Relay:
                     )
                 )
             # Client handlers run in the outer nursery, so drain() can close the listener alone.
+            self._handlers = nursery
             with listening("--http", config.http_host, config.http_port):
                 listeners = await nursery.start(self._serve_http, nursery)
             sockname = listeners[0].socket.getsockname()
@@ -452,6 +454,7 @@ class Relay:
             trusted_proxies=self._trusted if trusted else None,
             on_exchange=self.metrics.record_exchange,
             exchanges=self._exchanges,
+            watchers=self._handlers,
         )
         connection.inspector = self.inspector
         try:

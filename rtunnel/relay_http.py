@@ -61,6 +61,12 @@ YIELD_EVERY = 16
 # The answer to an agent's WebSocket upgrade on the clients' listener (421 Misdirected Request).
 MISDIRECTED_AGENT = 421
 
+# Held by a connection between its reads, so that an exchange in progress (a held long poll) keeps neither the
+# bytes its request arrived in (a memoryview's slice, even empty, keeps them) nor the checker of its judged head.
+_NOTHING = memoryview(b"")
+_JUDGED = HeadChecker()
+_JUDGED.complete = True  # takes no more bytes (a fresh checker is made for each head)
+
 
 @dataclasses.dataclass(frozen=True)
 class HttpLimits:
@@ -110,6 +116,37 @@ class _Abort(Exception):
 class ClientConnection:
     """One client TCP connection on the relay's HTTP listener."""
 
+    # Slots: one of these lives as long as its connection, a held long poll's too.
+    __slots__ = (
+        "_capture",
+        "_chunked",
+        "_client",
+        "_client_ip",
+        "_error_note",
+        "_exchanges",
+        "_h11",
+        "_head_checker",
+        "_holds_slot",
+        "_idle_scope",
+        "_limits",
+        "_nursery",
+        "_on_exchange",
+        "_request_id",
+        "_router",
+        "_scheme",
+        "_stream",
+        "_trusted",
+        "_unfed",
+        "_watch_at",
+        "_watch_error",
+        "_watcher",
+        "busy",
+        "draining",
+        "idle_since",
+        "inspector",
+        "reclaimed",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -121,6 +158,7 @@ class ClientConnection:
         scheme: str = "http",
         exchanges: Counter | None = None,
         on_exchange: Callable[[Access], None] | None = None,
+        watchers: trio.Nursery | None = None,
     ) -> None:
         self._stream = stream
         self._on_exchange = on_exchange  # called with each exchange's access record (metrics)
@@ -139,13 +177,17 @@ class ClientConnection:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_size)
         # Exchanges in progress per client address, shared by all connections of one relay.
         self._exchanges = exchanges or Counter(per_key=limits.max_exchanges_per_ip)
-        self._unfed = memoryview(b"")  # read from the client, not yet given to h11 (see FEED_SIZE)
+        self._unfed = _NOTHING  # read from the client, not yet given to h11 (see FEED_SIZE)
         self._chunked = False  # the current request's body is chunked
         self._head_checker = HeadChecker()  # strict checks on the raw head being received (httpstrict)
         self._holds_slot: str | None = None  # the key under which this exchange counts in self._exchanges
         self.busy = False  # an exchange is in progress (the relay's drain waits for those)
         self.draining = False  # set by the relay's drain: close once the current exchange is done
-        self._nursery: trio.Nursery | None = None  # the connection's, for a late client watcher
+        # Where a late client watcher runs: the relay's handler nursery, given in `watchers`, as a nursery per
+        # connection, held as long as the connection, costs each held long poll ~1.5 KiB; without one, serve
+        # opens its own.
+        self._nursery = watchers
+        self._watch_error: Exception | None = None  # the watcher's unexpected failure, raised by the exchange
         self._watch_at: float | None = None  # a bodiless exchange's time to start watching the client
         self._watcher: tuple[trio.CancelScope, trio.Event] | None = None  # (its scope, set once it ended)
         self.inspector: Inspector | None = None  # --inspect: record each exchange (the one hook, _exchange)
@@ -174,6 +216,9 @@ class ClientConnection:
         return True
 
     async def serve(self) -> None:
+        if self._nursery is not None:
+            await self._serve()
+            return
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
@@ -213,7 +258,7 @@ class ClientConnection:
         careful = state is h11.IDLE or (state is h11.SEND_BODY and self._chunked)
         size = FEED_SIZE if careful else len(self._unfed)
         piece = bytes(self._unfed[:size])
-        self._unfed = self._unfed[size:]
+        self._unfed = self._unfed[size:] if size < len(self._unfed) else _NOTHING
         if state is h11.IDLE:
             self._head_checker.feed(piece)
         self._h11.receive_data(piece)
@@ -270,6 +315,7 @@ class ClientConnection:
             return None
         if not isinstance(event, h11.Request):
             return None
+        self._head_checker = _JUDGED
         return event
 
     def _head_event_nowait(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
@@ -413,6 +459,9 @@ class ClientConnection:
                     watcher[0].cancel()
             if watcher is not None:
                 await watcher[1].wait()  # it no longer reads from the client: the next request is ours
+                if self._watch_error is not None:
+                    error, self._watch_error = self._watch_error, None
+                    raise error
             return await self._after_response(stream, outcome)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._request_side, stream, outcome, has_body, replay)
@@ -474,17 +523,20 @@ class ClientConnection:
 
     def _start_watcher(self, stream: MuxStream, outcome: _Outcome) -> None:
         assert self._nursery is not None and self._watcher is None
-        scope, ended = trio.CancelScope(), trio.Event()
+        self._watcher = scope, ended = trio.CancelScope(), trio.Event()
+        # A method, not a closure: its arguments live in the coroutine's frame, with no function or cells.
+        self._nursery.start_soon(self._watch, stream, outcome, scope, ended)
 
-        async def watch() -> None:
-            try:
-                with scope:
-                    await self._request_side(stream, outcome, False, _Replay())
-            finally:
-                ended.set()
-
-        self._watcher = scope, ended
-        self._nursery.start_soon(watch)
+    async def _watch(
+        self, stream: MuxStream, outcome: _Outcome, scope: trio.CancelScope, ended: trio.Event
+    ) -> None:
+        try:
+            with scope:
+                await self._request_side(stream, outcome, False, _Replay())
+        except Exception as exc:  # in the relay's nursery it must not end every other connection
+            self._watch_error = exc
+        finally:
+            ended.set()
 
     async def _switched(self, stream: MuxStream, outcome: _Outcome) -> None:
         """After a 101: raw bytes both ways until both sides closed (SPEC 5.5); the connection then ends.
@@ -494,7 +546,7 @@ class ClientConnection:
         # it was given, self._unfed those read but not yet given to it.
         data, _ = self._h11.trailing_data
         initial = data + bytes(self._unfed)
-        self._unfed = memoryview(b"")
+        self._unfed = _NOTHING
         pumped = await pump(stream, self._stream, initial=initial, what="client")
         outcome.bytes_in, outcome.bytes_out = pumped.into_stream, pumped.out_of_stream
         if pumped.error is not None:

@@ -27,7 +27,7 @@ MAX_POSSIBLY_PROCESSED = 2
 REPLAY_LIMIT = 64 * 1024
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Replay:
     """The request body read from the client so far, held (up to REPLAY_LIMIT) so that a request whose
     stream was refused, or lost before the agent could have processed it, can be sent again (SPEC 10)."""
@@ -47,7 +47,7 @@ class Replay:
             self.held += data
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Outcome:
     """What one attempt of an exchange came to; on_reset() decides from it whether to send it again."""
 
