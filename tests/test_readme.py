@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from protocol import Limits, Settings
-from rtunnel.agent.allowlist import DEFAULT_MAX_TARGET_LENGTH
 from rtunnel.cli import commands as cli
 from rtunnel.cli.parse import _size, subparsers
+from rtunnel.http.target import DEFAULT_MAX_TARGET_LENGTH
 from rtunnel.link.wslink import MAX_MESSAGE_SIZE
 from rtunnel.relay.exchange import MAX_CHUNK_LINE, HttpLimits
 from rtunnel.relay.server import FRAME_SIZE, STREAM_WINDOW, RelayConfig

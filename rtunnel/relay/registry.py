@@ -22,7 +22,7 @@ import trio
 
 from protocol import RequestHead
 
-from ..agent.allowlist import TargetRefused, normalize_target
+from ..http.target import TargetRefused, normalize_target
 from ..link.mux import Multiplexer, MuxClosed, MuxStream
 
 log = logging.getLogger("rtunnel.relay")

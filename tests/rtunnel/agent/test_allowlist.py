@@ -1,4 +1,5 @@
-"""Tests for rtunnel.agent.allowlist: target normalization, rule parsing, decisions."""
+"""Tests for target normalization (rtunnel.http.target) and the allowlist (rtunnel.agent.allowlist): rule
+parsing, decisions."""
 
 from __future__ import annotations
 
@@ -8,16 +9,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from rtunnel.agent.allowlist import (
-    DEFAULT_MAX_TARGET_LENGTH,
-    Allowlist,
-    AllowRule,
-    AllowRuleError,
-    Decision,
-    NormalizedTarget,
-    TargetRefused,
-    normalize_target,
-)
+from rtunnel.agent.allowlist import Allowlist, AllowRule, AllowRuleError, Decision
+from rtunnel.http.target import DEFAULT_MAX_TARGET_LENGTH, NormalizedTarget, TargetRefused, normalize_target
 
 # --- normalization: accepted targets -------------------------------------------------------------
 
