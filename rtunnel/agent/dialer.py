@@ -197,17 +197,9 @@ class Agent:
                 await link.aclose(transport.CLOSE_GOING_AWAY, "agent shutting down")
             return why
 
-    def goaway_all(self) -> None:
-        for mux in self.connections.values():
-            mux.goaway()
-
     async def wait_connected(self) -> None:
         """Return once a first connection to a relay is up (what `nursery.start(rtunnel.dial)` waits for)."""
         await self._connected.wait()
-
-    async def wait_idle(self) -> None:
-        for mux in list(self.connections.values()):
-            await mux.wait_idle()
 
 
 def _ordinal(failures: int) -> str:

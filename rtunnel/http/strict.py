@@ -25,7 +25,7 @@ from typing import Final
 
 import h11
 
-__all__ = ["MAX_CHUNK_SIZE", "HeadChecker", "check_raw_head", "chunk_left"]
+__all__ = ["MAX_CHUNK_SIZE", "HeadChecker", "chunk_left"]
 
 # The largest chunk-size accepted (as nginx: the largest file offset). h11 takes up to 20 hex digits (2^80),
 # so a chunk "larger" than any body could be, e.g. ffffffffffffffff, would otherwise be streamed as one.
@@ -121,13 +121,6 @@ class HeadChecker:
         if len(codings) > 1:
             return 501, "transfer codings other than chunked are not supported"
         return None
-
-
-def check_raw_head(buffer: bytes) -> tuple[int, str] | None:
-    """One-shot HeadChecker: the problem with the head at the start of `buffer`, or None (so far)."""
-    checker = HeadChecker()
-    checker.feed(buffer)
-    return checker.problem
 
 
 def chunk_left(conn: h11.Connection) -> int:

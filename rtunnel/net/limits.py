@@ -27,9 +27,6 @@ class Counter:
         self.total = 0
         self._by_key: dict[str, int] = {}
 
-    def count(self, key: str) -> int:
-        return self._by_key.get(key, 0)
-
     def acquire(self, key: str, *, limit_key: bool = True) -> str | None:
         """Take one slot for `key`; None when granted, else which limit refused it ("total" or "per key").
         Without `limit_key` only the total applies (a trusted proxy's connections carry many clients)."""

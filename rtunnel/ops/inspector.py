@@ -265,10 +265,6 @@ class Inspector:
     def __len__(self) -> int:
         return len(self._captures)
 
-    @property
-    def captured_bytes(self) -> int:
-        return sum(len(c.request.data) + len(c.response.data) for c in self._captures.values())
-
 
 class _Tap:
     """A stream stand-in that copies what passes: on the relay, what it sends is the request and what it

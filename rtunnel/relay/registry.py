@@ -37,7 +37,6 @@ class AgentRegistry:
         self.agent_wait = agent_wait
         self._agents: list[Multiplexer] = []
         self._changed = trio.Event()
-        self.connects = 0
 
     @property
     def agents(self) -> list[Multiplexer]:
@@ -45,7 +44,6 @@ class AgentRegistry:
 
     def add(self, mux: Multiplexer) -> None:
         self._agents.append(mux)
-        self.connects += 1
         self._notify()
 
     def remove(self, mux: Multiplexer) -> None:
@@ -211,10 +209,6 @@ class TunnelRouter:
                 if key in self._by_host:
                     raise ValueError(f"host {host!r} is routed to two tunnels")
                 self._by_host[key] = tunnel
-
-    @property
-    def named(self) -> bool:
-        return bool(self.tunnels)
 
     @property
     def agents(self) -> list[Multiplexer]:

@@ -29,7 +29,7 @@ from ..ops.inspector import Inspector
 from ..ops.metrics import Metrics
 from ..startup import listening
 from .exchange import ClientConnection, HttpLimits
-from .registry import AgentRegistry, Tunnel, TunnelRouter
+from .registry import Tunnel, TunnelRouter
 
 log = logging.getLogger("rtunnel.relay")
 
@@ -150,11 +150,6 @@ class Relay:
     def connection_count(self) -> int:
         """Client connections on the HTTP listener, as counted against --max-connections."""
         return self._connections.total
-
-    @property
-    def registry(self) -> AgentRegistry:
-        """The agents of a relay without named tunnels (its one unnamed tunnel)."""
-        return self.router.registry(None)
 
     def _all_groups(self) -> tuple[TokenGroup, ...]:
         return (*self.token_groups, *self._tunnel_groups.values())
