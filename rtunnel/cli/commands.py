@@ -191,7 +191,7 @@ def _run_tool(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _serve_runner(args: argparse.Namespace) -> Runner:
-    from ..relay.exchange import HttpLimits
+    from ..relay.limits import HttpLimits
     from ..relay.server import Relay, RelayConfig
 
     http_host, http_port = parse_address(args.http, "--http")
@@ -364,7 +364,8 @@ def _dial_runner(args: argparse.Namespace) -> Runner:
     from ..agent.exchange import ExchangeHandler
     from ..link import transport
     from ..link.transport import parse_relay_url
-    from ..relay.server import FRAME_SIZE, STREAM_WINDOW, TUNNEL_HEADER
+    from ..relay.agents import TUNNEL_HEADER
+    from ..relay.server import FRAME_SIZE, STREAM_WINDOW
 
     for url in args.relay_urls:
         if "://" not in url:

@@ -351,7 +351,7 @@ def _count(text: str) -> int:
 
 def _limit_options(parser: argparse.ArgumentParser) -> None:
     """The relay's abuse limits (README, "Security model"). Defaults come from HttpLimits and RelayConfig."""
-    from ..relay.exchange import HttpLimits
+    from ..relay.limits import HttpLimits
     from ..relay.server import RelayConfig
 
     limits, relay = HttpLimits(), RelayConfig()

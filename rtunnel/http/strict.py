@@ -16,7 +16,7 @@ refusing, with 400 and a closed connection, every head whose meaning is not unam
   relay's own ``X-Forwarded-For``).
 
 Conflicting ``Content-Length`` values and CL together with TE are refused elsewhere (h11 and
-`relay.exchange.ClientConnection._check_request`).
+`relay.request.check_request`).
 """
 
 from __future__ import annotations

@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 from ..link.mux import StreamReset
+from .outcome import ErrorReply, Retry, Then
 
 __all__ = [
     "IDEMPOTENT",
     "MAX_ATTEMPTS",
     "MAX_POSSIBLY_PROCESSED",
     "REPLAY_LIMIT",
-    "Outcome",
     "Replay",
     "on_reset",
 ]
@@ -47,42 +47,31 @@ class Replay:
             self.held += data
 
 
-@dataclasses.dataclass(slots=True)
-class Outcome:
-    """What one attempt of an exchange came to; on_reset() decides from it whether to send it again."""
-
-    status: int = 502
-    bytes_in: int = 0
-    bytes_out: int = 0
-    head_sent: bool = False
-    keep_alive: bool = False
-    abort: bool = False
-    retry: bool = False
-    why: str = ""
-    client_gone: bool = False
-    body_error: str | None = None
-    body_status: int = 400
-    pending_error: tuple[int, str] | None = None
-    maybe_processed: bool = False  # retry: the agent may have processed it (see MAX_POSSIBLY_PROCESSED)
-    switched: bool = False  # a 101 went to the client: the connection now carries raw bytes
-
-
-def on_reset(method: bytes, exc: StreamReset, outcome: Outcome, body_lost: bool, link_gone: bool) -> None:
-    """SPEC 10.1, retry rule. `body_lost`: part of the request body was sent and is no longer held;
-    `link_gone`: the agent's connection has ended (rather than this one stream being reset)."""
-    if outcome.head_sent:
-        # Part of the response is out: the only honest signal left is to break the connection.
-        outcome.abort = True
-        return
+def on_reset(
+    method: bytes,
+    exc: StreamReset,
+    *,
+    head_sent: bool,
+    request_failed: bool,
+    body_lost: bool,
+    link_gone: bool,
+) -> Retry | ErrorReply | Then:
+    """SPEC 10.1, retry rule: what a stream reset before the response was complete comes to. `head_sent`:
+    part of the response is out; `request_failed`: the relay reset the stream itself for the client's side
+    (it left, or its body was refused), whose own answer wins; `body_lost`: part of the request body was sent
+    and is no longer held; `link_gone`: the agent's connection has ended (rather than this one stream)."""
+    if head_sent:
+        return (
+            Then.ABORT
+        )  # part of the response is out: the only honest signal left is to break the connection
     lost_link = link_gone and not exc.remote
     what = "the agent's connection was lost" if lost_link else "the agent did not complete the exchange"
-    outcome.pending_error = (502, f"{what}: {exc}")
-    if outcome.client_gone or outcome.body_error is not None:
-        return  # we reset it ourselves; the caller answers (or not) for the client's side
+    failed = ErrorReply(502, f"{what}: {exc}")
+    if request_failed:
+        return failed  # we reset it ourselves; the caller answers (or not) for the client's side
     # Never processed -> always safe; possibly processed -> only an idempotent request whose link died
     # (not one the agent failed on purpose), since nothing of the response reached the client.
     safe = exc.retryable or (method in IDEMPOTENT and lost_link)
     if safe and not body_lost:
-        outcome.retry = True
-        outcome.maybe_processed = not exc.retryable
-        outcome.why = str(exc)
+        return Retry(str(exc), maybe_processed=not exc.retryable)
+    return failed

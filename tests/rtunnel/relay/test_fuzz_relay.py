@@ -1,5 +1,5 @@
 """Fuzzing the relay's request-head path: arbitrary bytes, and HTTP-shaped inputs with every smuggling
-ingredient mixed in, fed to `relay.exchange.ClientConnection` (relay_rig.py) with and without an agent.
+ingredient mixed in, fed to `relay.connection.ClientConnection` (relay_rig.py) with and without an agent.
 
 Properties: nothing escapes as an exception (the rig's nursery would re-raise it); the relay only ever
 answers with well-formed HTTP/1.1 error or agent responses, or closes; it closes every connection within its
@@ -21,7 +21,7 @@ import trio.testing
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from rtunnel.relay.exchange import HttpLimits
+from rtunnel.relay.limits import HttpLimits
 
 from ..relay_rig import relay_rig
 

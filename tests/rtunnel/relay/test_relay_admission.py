@@ -9,9 +9,10 @@ import trio
 import trio.testing
 
 from rtunnel.link import transport
-from rtunnel.relay.exchange import HttpLimits
+from rtunnel.relay.agents import TUNNEL_HEADER
+from rtunnel.relay.limits import HttpLimits
 from rtunnel.relay.registry import Tunnel
-from rtunnel.relay.server import TUNNEL_HEADER, Relay, RelayConfig
+from rtunnel.relay.server import Relay, RelayConfig
 
 from ..relay_rig import relay_rig
 

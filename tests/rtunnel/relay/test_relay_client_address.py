@@ -15,7 +15,7 @@ import trustme
 from rtunnel.link import transport
 from rtunnel.net.clientaddr import TrustedProxies
 from rtunnel.net.proxyprotocol import V2_SIGNATURE
-from rtunnel.relay.exchange import HttpLimits
+from rtunnel.relay.limits import HttpLimits
 from rtunnel.relay.server import Relay, RelayConfig
 
 from ..relay_rig import relay_rig

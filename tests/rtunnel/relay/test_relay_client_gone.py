@@ -8,7 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from rtunnel.relay.exchange import WATCH_AFTER, HttpLimits
+from rtunnel.relay.exchange import WATCH_AFTER
+from rtunnel.relay.limits import HttpLimits
 
 from ..relay_rig import relay_rig
 

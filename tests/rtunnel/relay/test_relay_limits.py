@@ -1,6 +1,6 @@
 """The relay's HTTP side against hostile clients: request smuggling (RFC 9112) and the abuse limits.
 
-Every case runs the real `relay.exchange.ClientConnection` over in-memory streams in front of a fake agent
+Every case runs the real `relay.connection.ClientConnection` over in-memory streams in front of a fake agent
 (relay_rig.py) that records what it was sent: what the upstream would have seen. Timeouts run on trio's
 autojump clock, so a 30 s slowloris costs no wall time.
 """
@@ -15,7 +15,7 @@ import trio.testing
 from protocol import ErrorCode, RequestHead, ResponseHead, Role, Settings
 from rtunnel.link.mux import Multiplexer, MuxStream, StreamReset
 from rtunnel.net.limits import AuthThrottle
-from rtunnel.relay.exchange import HttpLimits
+from rtunnel.relay.limits import HttpLimits
 from rtunnel.relay.server import Relay, RelayConfig
 
 from ..memtransport import memory_transport_pair
@@ -114,7 +114,7 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ("chunk-line-bare-lf", b"5\nhello\r\n0\r\n\r\n"),
     ("chunk-longer-than-size", b"5\r\nhelloXX\r\n0\r\n\r\n"),
     ("chunk-extension-64k", b"5;" + b"x" * 65536 + b"\r\nhello\r\n0\r\n\r\n"),
-    # relay.exchange.MAX_CHUNK_LINE is 8 KiB: well under h11's own limit (the head size limit, 32 KiB).
+    # relay.wire.MAX_CHUNK_LINE is 8 KiB: well under h11's own limit (the head size limit, 32 KiB).
     ("chunk-extension-12k", b"5;" + b"x" * 12 * 1024 + b"\r\nhello\r\n0\r\n\r\n"),
 ]
 

@@ -21,7 +21,8 @@ import trio.testing
 from protocol import ErrorCode, ResponseHead, Role
 from rtunnel.link.mux import LinkDead, Multiplexer, MuxStream
 from rtunnel.link.transport import TransportClosed
-from rtunnel.relay.exchange import ClientConnection, HttpLimits
+from rtunnel.relay.connection import ClientConnection
+from rtunnel.relay.limits import HttpLimits
 from rtunnel.relay.registry import AgentRegistry
 
 from ..memtransport import memory_transport_pair

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from protocol import Settings
-from rtunnel.relay.exchange import HttpLimits
+from rtunnel.relay.limits import HttpLimits
 
 from ..relay_rig import Rig, relay_rig, unless_frozen
 
