@@ -2,15 +2,13 @@
 
 A pair of real connections drives one stream into each state; then a hand-crafted frame is injected into the
 endpoint under test ("me") and the exact outcome is asserted: the events, a RESET queued with its code (stream
-error), or RemoteProtocolError with its code (connection error). The second half checks every local action in
-every state: allowed, or LocalProtocolError with the connection left exactly as it was.
+error), or RemoteProtocolError with its code (connection error). Local actions are in test_local_actions.py.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from collections import deque
 from collections.abc import Callable
 
 import pytest
@@ -21,11 +19,8 @@ from protocol import (
     DataReceived,
     ErrorCode,
     Event,
-    LocalProtocolError,
     RemoteProtocolError,
     ReplyReceived,
-    RequestHead,
-    ResponseHead,
     Role,
     StreamEnded,
     StreamOpened,
@@ -35,19 +30,7 @@ from protocol import (
     WindowUpdated,
 )
 
-HEAD = RequestHead(b"POST", b"/x", ((b"Host", b"h"),))
-FINAL = ResponseHead(200, b"OK")
-INTERIM = ResponseHead(100, b"Continue")
-TRAILERS = ((b"Digest", b"x"),)
-
-
-# -- frames written out by hand (independent of the encoder) ------------------------------------------
-
-
-def frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return (
-        len(payload).to_bytes(3, "big") + bytes((frame_type, flags)) + stream_id.to_bytes(4, "big") + payload
-    )
+from ._setups import FINAL, HCL, HCR, HEAD, INTERIM, OP, SETUPS, TRAILERS, C, frame, pair, pump, theirs
 
 
 def _block(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
@@ -76,112 +59,6 @@ FRAMES: dict[str, Callable[[int], bytes]] = {
     "WINDOW_UPDATE": lambda s: frame(5, 0, s, b"\x00\x00\x00\x01"),
     "WINDOW_UPDATE-0": lambda s: frame(5, 0, s, b"\x00\x00\x00\x00"),
     "RESET": lambda s: frame(6, 0, s, b"\x00\x00\x00\x08"),
-}
-
-
-# -- driving a pair into each state ----------------------------------------------------------------
-
-Setup = Callable[[Connection, Connection], int]
-
-
-def pair(role: Role) -> tuple[Connection, Connection]:
-    other = Role.DIALER if role is Role.ACCEPTOR else Role.ACCEPTOR
-    me, them = Connection(role), Connection(other)
-    pump(me, them)
-    return me, them
-
-
-def pump(me: Connection, them: Connection) -> None:
-    """Deliver everything queued in both directions until both are quiet."""
-    while True:
-        a, b = me.data_to_send(), them.data_to_send()
-        if not a and not b:
-            return
-        them.receive_data(a)
-        me.receive_data(b)
-
-
-def _own_first(me: Connection) -> int:
-    return 1 if me.role is Role.DIALER else 2
-
-
-def _peer_first(me: Connection) -> int:
-    return 2 if me.role is Role.DIALER else 1
-
-
-def _i(*, end: bool, reply: bool = False, reply_end: bool = False, reset: bool = False) -> Setup:
-    """A stream I initiated."""
-
-    def setup(me: Connection, them: Connection) -> int:
-        sid = me.open_stream(HEAD, end_stream=end)
-        pump(me, them)
-        if reply:
-            them.send_reply(sid, FINAL, end_stream=reply_end)
-            pump(me, them)
-        if reset:
-            me.reset_stream(sid)
-            pump(me, them)
-        return sid
-
-    return setup
-
-
-def _r(*, end: bool, reply: bool = False, reply_end: bool = False, reset: bool = False) -> Setup:
-    """A stream the peer initiated."""
-
-    def setup(me: Connection, them: Connection) -> int:
-        sid = them.open_stream(HEAD, end_stream=end)
-        pump(me, them)
-        if reply:
-            me.send_reply(sid, FINAL, end_stream=reply_end)
-            pump(me, them)
-        if reset:
-            them.reset_stream(sid)
-            pump(me, them)
-        return sid
-
-    return setup
-
-
-def _idle_peer(me: Connection, them: Connection) -> int:
-    # One stream already opened by the peer, so "idle" means "above the highest", not just "never used".
-    them.open_stream(HEAD, end_stream=True)
-    pump(me, them)
-    return _peer_first(me) + 2
-
-
-def _idle_own(me: Connection, them: Connection) -> int:
-    me.open_stream(HEAD, end_stream=True)
-    pump(me, them)
-    return _own_first(me) + 2
-
-
-OP, HCL, HCR, C, IDLE = (
-    StreamState.OPEN,
-    StreamState.HALF_CLOSED_LOCAL,
-    StreamState.HALF_CLOSED_REMOTE,
-    StreamState.CLOSED,
-    StreamState.IDLE,
-)
-
-# name -> (setup, the state it leaves the stream in)
-SETUPS: dict[str, tuple[Setup, StreamState]] = {
-    "idle (peer parity)": (_idle_peer, IDLE),
-    "idle (own parity)": (_idle_own, IDLE),
-    "initiator, awaiting reply": (_i(end=False), OP),
-    "initiator, awaiting reply, half-closed (local)": (_i(end=True), HCL),
-    "initiator, open": (_i(end=False, reply=True), OP),
-    "initiator, half-closed (local)": (_i(end=True, reply=True), HCL),
-    "initiator, half-closed (remote)": (_i(end=False, reply=True, reply_end=True), HCR),
-    "initiator, closed recently": (_i(end=True, reply=True, reply_end=True), C),
-    "initiator, reset": (_i(end=False, reset=True), C),
-    "responder, awaiting reply": (_r(end=False), OP),
-    "responder, open": (_r(end=False, reply=True), OP),
-    "responder, half-closed (remote), awaiting reply": (_r(end=True), HCR),
-    "responder, half-closed (remote)": (_r(end=True, reply=True), HCR),
-    "responder, half-closed (local)": (_r(end=False, reply=True, reply_end=True), HCL),
-    "responder, closed recently": (_r(end=True, reply=True, reply_end=True), C),
-    "responder, reset": (_r(end=False, reset=True), C),
 }
 
 
@@ -299,6 +176,8 @@ EXPECTED: dict[str, dict[str, Outcome]] = {
     "initiator, half-closed (remote)": _received_end(HCR, SC),
     "initiator, closed recently": _CLOSED,
     "initiator, reset": _CLOSED,
+    # Closed, but unread data keeps it in the table: only a RESET is discarded as on a closed stream (SPEC 7).
+    "initiator, closed, data unread": _received_end(C, SC) | {"RESET": DISCARD},
     "responder, awaiting reply": _receiving_side_open(OP, HCR),
     "responder, open": _receiving_side_open(OP, HCR),
     # A REPLY sent to the responder is always PROTOCOL_ERROR, even after the peer's END_STREAM (SPEC 7 table).
@@ -307,6 +186,7 @@ EXPECTED: dict[str, dict[str, Outcome]] = {
     "responder, half-closed (local)": _receiving_side_open(HCL, C),
     "responder, closed recently": _CLOSED,
     "responder, reset": _CLOSED,
+    "responder, closed, data unread": _received_end(C, PE) | {"RESET": DISCARD},
 }
 
 
@@ -373,207 +253,7 @@ def test_data_on_a_closed_stream_is_credited_to_the_connection() -> None:
     me = Connection(Role.ACCEPTOR, Settings(connection_window=2048))
     them = Connection(Role.DIALER)
     pump(me, them)
-    sid = _r(end=False, reset=True)(me, them)
+    sid = theirs(end=False, reset=True)(me, them)
     assert me.receive_data(frame(3, 0, sid, bytes(1024))) == []
     # Half the connection window was discarded, so it is credited back at once (SPEC 6 and 8).
     assert me.data_to_send() == frame(5, 0, 0, struct.pack(">I", 1024))
-
-
-# -- local actions ----------------------------------------------------------------------------------
-
-ACTIONS: dict[str, Callable[[Connection, int], object]] = {
-    "reply-interim": lambda c, s: c.send_reply(s, INTERIM),
-    "reply-final": lambda c, s: c.send_reply(s, FINAL),
-    "reply-final+end": lambda c, s: c.send_reply(s, FINAL, end_stream=True),
-    "reply-interim+end": lambda c, s: c.send_reply(s, INTERIM, end_stream=True),
-    "data": lambda c, s: c.send_data(s, b"x"),
-    "data+end": lambda c, s: c.send_data(s, b"x", end_stream=True),
-    "empty-data": lambda c, s: c.send_data(s, b""),
-    "end": lambda c, s: c.end_stream(s),
-    "trailers": lambda c, s: c.send_trailers(s, TRAILERS),
-    "reset": lambda c, s: c.reset_stream(s),
-}
-SENDING = {"data", "data+end", "empty-data", "end", "trailers", "reset"}
-REPLYING = {"reply-interim", "reply-final", "reply-final+end", "reset"}
-ONLY_RESET = {"reset"}
-
-ALLOWED: dict[str, set[str]] = {
-    "idle (peer parity)": set(),
-    "idle (own parity)": set(),
-    "initiator, awaiting reply": SENDING,
-    "initiator, awaiting reply, half-closed (local)": ONLY_RESET,
-    "initiator, open": SENDING,
-    "initiator, half-closed (local)": ONLY_RESET,
-    "initiator, half-closed (remote)": SENDING,
-    "initiator, closed recently": ONLY_RESET,  # a no-op: resetting is idempotent
-    "initiator, reset": ONLY_RESET,
-    "responder, awaiting reply": REPLYING,
-    "responder, open": SENDING,
-    "responder, half-closed (remote), awaiting reply": REPLYING,
-    "responder, half-closed (remote)": SENDING,
-    "responder, half-closed (local)": ONLY_RESET,
-    "responder, closed recently": ONLY_RESET,
-    "responder, reset": ONLY_RESET,
-}
-
-
-def freeze(obj: object) -> object:
-    """A comparable deep snapshot of a connection's whole state (slots, deques and views included)."""
-    if obj is None or isinstance(obj, int | float | str | bytes | enum.Enum):
-        return obj
-    if isinstance(obj, memoryview | bytearray):
-        return bytes(obj)
-    if isinstance(obj, dict):
-        return tuple((freeze(k), freeze(v)) for k, v in obj.items())
-    if isinstance(obj, list | tuple | deque):
-        return tuple(freeze(x) for x in obj)
-    slots = getattr(type(obj), "__slots__", None)
-    if slots is not None and not hasattr(obj, "__dict__"):
-        return (type(obj).__name__, tuple(freeze(getattr(obj, name, None)) for name in slots))
-    return (type(obj).__name__, freeze(vars(obj)))
-
-
-def _prepared(setup_name: str, role: Role) -> tuple[Connection, int]:
-    me, them = pair(role)
-    sid = SETUPS[setup_name][0](me, them)
-    me.ping(b"pingpong")  # something queued, so "nothing was added" is visible in data_to_send
-    return me, sid
-
-
-def test_allowed_table_is_complete() -> None:
-    assert set(ALLOWED) == set(SETUPS)
-
-
-@pytest.mark.parametrize("role", list(Role), ids=lambda r: r.value)
-@pytest.mark.parametrize("action", list(ACTIONS))
-@pytest.mark.parametrize("setup_name", list(SETUPS))
-def test_local_action(setup_name: str, action: str, role: Role) -> None:
-    me, sid = _prepared(setup_name, role)
-    if action in ALLOWED[setup_name]:
-        ACTIONS[action](me, sid)
-        assert me.state is ConnectionState.OPEN
-        return
-    before = freeze(me)
-    with pytest.raises(LocalProtocolError):
-        ACTIONS[action](me, sid)
-    assert freeze(me) == before
-    twin, _ = _prepared(setup_name, role)
-    assert me.data_to_send() == twin.data_to_send() == frame(7, 0, 0, b"pingpong")
-
-
-@pytest.mark.parametrize("setup_name", [n for n in SETUPS if SETUPS[n][1] is C])
-def test_resetting_a_closed_stream_sends_nothing(setup_name: str) -> None:
-    me, them = pair(Role.ACCEPTOR)
-    sid = SETUPS[setup_name][0](me, them)
-    me.reset_stream(sid)
-    assert me.data_to_send() == b""
-
-
-# -- connection-level local actions --------------------------------------------------------------------
-
-CONN_ACTIONS: dict[str, Callable[[Connection], object]] = {
-    "open": lambda c: c.open_stream(HEAD),
-    "ping": lambda c: c.ping(b"12345678"),
-    "goaway": lambda c: c.goaway(),
-}
-
-
-def _handshaking() -> Connection:
-    return Connection(Role.ACCEPTOR)
-
-
-def _open() -> Connection:
-    return pair(Role.ACCEPTOR)[0]
-
-
-def _goaway_sent() -> Connection:
-    me = _open()
-    me.goaway()
-    return me
-
-
-def _goaway_received() -> Connection:
-    me, them = pair(Role.ACCEPTOR)
-    them.goaway()
-    pump(me, them)
-    return me
-
-
-def _streams_exhausted() -> Connection:
-    from protocol import Settings
-
-    me = Connection(Role.ACCEPTOR)
-    them = Connection(Role.DIALER, Settings(max_concurrent_streams=1))
-    pump(me, them)
-    me.open_stream(HEAD)
-    return me
-
-
-def _failed() -> Connection:
-    me = _open()
-    with pytest.raises(RemoteProtocolError):
-        me.receive_data(frame(0, 0, 0, b"\x00\x01\x00\x00"))  # a second HELLO
-    return me
-
-
-CONN_STATES: dict[str, tuple[Callable[[], Connection], set[str]]] = {
-    # GOAWAY before the handshake is how a runtime refuses a connection it will not serve.
-    "handshaking": (_handshaking, {"goaway"}),
-    "open": (_open, {"open", "ping", "goaway"}),
-    "goaway sent": (_goaway_sent, {"ping", "goaway"}),
-    "goaway received": (_goaway_received, {"ping", "goaway"}),
-    "MAX_CONCURRENT_STREAMS reached": (_streams_exhausted, {"ping", "goaway"}),
-    "failed": (_failed, set()),
-}
-
-
-@pytest.mark.parametrize("action", list(CONN_ACTIONS))
-@pytest.mark.parametrize("state", list(CONN_STATES))
-def test_connection_level_action(state: str, action: str) -> None:
-    make, allowed = CONN_STATES[state]
-    me = make()
-    if action in allowed:
-        CONN_ACTIONS[action](me)
-        return
-    before = freeze(me)
-    with pytest.raises(LocalProtocolError):
-        CONN_ACTIONS[action](me)
-    assert freeze(me) == before
-    assert me.data_to_send() == make().data_to_send()
-
-
-@pytest.mark.parametrize(
-    "misuse",
-    [
-        lambda c, s: c.open_stream(RequestHead(b"", b"/")),
-        lambda c, s: c.open_stream(RequestHead(b"GET", b"/", ((b"n", b"v" * 0xFFFF),) * 2)),
-        lambda c, s: c.send_reply(s, ResponseHead(200, b"", ((b"", b"v"),))),
-        lambda c, s: c.send_reply(s, ResponseHead(200, b"", ((b"n", b"v" * 0xFFFF),) * 2)),
-        lambda c, s: c.send_trailers(s, [(b"", b"")]),
-        lambda c, s: c.send_trailers(s, [(b"n", b"v" * 0xFFFF)] * 2),
-        lambda c, s: c.ping(b"short"),
-        lambda c, s: c.acknowledge_received_data(s, 1),
-        lambda c, s: c.acknowledge_received_data(s, -1),
-    ],
-)
-def test_invalid_arguments_are_local_errors_that_change_nothing(
-    misuse: Callable[[Connection, int], object],
-) -> None:
-    me, them = pair(Role.ACCEPTOR)
-    sid = _r(end=False)(me, them)
-    before = freeze(me)
-    with pytest.raises(LocalProtocolError):
-        misuse(me, sid)
-    assert freeze(me) == before
-    assert me.data_to_send() == b""
-
-
-def test_goaway_debug_fits_the_peers_max_frame_size() -> None:
-    # Before the handshake the peer's limit is unknown: the smallest legal MAX_FRAME_SIZE (1024) applies.
-    me = Connection(Role.ACCEPTOR)
-    me.data_to_send()
-    me.goaway(debug=b"d" * 5000)
-    assert len(me.data_to_send()) == 9 + 1024
-    me = pair(Role.ACCEPTOR)[0]
-    me.goaway(debug=b"d" * 50000)
-    assert len(me.data_to_send()) == 9 + 16384
