@@ -8,8 +8,10 @@ error), or RemoteProtocolError with its code (connection error). Local actions a
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +31,8 @@ from protocol import (
     TrailersReceived,
     WindowUpdated,
 )
+from protocol._state import DISCARD as DISCARD_CELL
+from protocol._state import ENDED, RECEIVED, SENT, Fail, Received, Recv, Reset, Sent, Side
 
 from ._setups import FINAL, HCL, HCR, HEAD, INTERIM, OP, SETUPS, TRAILERS, C, frame, pair, pump, theirs
 
@@ -257,3 +261,137 @@ def test_data_on_a_closed_stream_is_credited_to_the_connection() -> None:
     assert me.receive_data(frame(3, 0, sid, bytes(1024))) == []
     # Half the connection window was discarded, so it is credited back at once (SPEC 6 and 8).
     assert me.data_to_send() == frame(5, 0, 0, struct.pack(">I", 1024))
+
+
+# -- the code's table against SPEC.md's ------------------------------------------------------------
+# SPEC 7's received-frame table is prose. Each column, row, condition and outcome phrase below maps its words
+# onto the states and events of protocol/_state.py; a cell worded in a way not listed here fails the test, so
+# neither the SPEC nor the code's table can change without the other being looked at.
+
+SPEC = Path(__file__).resolve().parents[2] / "SPEC.md"
+MINE = {Recv.AWAITING_REPLY, Recv.RESPONSE, Recv.RESPONSE_ENDED, Recv.CLOSED_OWN}
+THEIRS = {Recv.REQUEST, Recv.REQUEST_ENDED, Recv.CLOSED_PEER}
+IDLE_STATES = {Recv.IDLE_PEER}
+EVERY = MINE | THEIRS | IDLE_STATES
+
+SPEC_COLUMNS = {
+    "idle (peer parity)": {Recv.IDLE_PEER},
+    "open / half-closed (local)": {Recv.AWAITING_REPLY, Recv.RESPONSE, Recv.REQUEST},
+    "half-closed (remote) / received END": set(ENDED),
+    "closed (derived)": {Recv.CLOSED_OWN, Recv.CLOSED_PEER},
+}
+_REPLIES = {Received.REPLY_INTERIM, Received.REPLY_FINAL, Received.REPLY_FINAL_END}
+# row -> (the states it speaks of, its well-formed events, its ill-formed events: refused for the state's reason
+# wherever the state alone refuses the frame)
+SPEC_ROWS: dict[str, tuple[set[Recv], set[Received], set[Received]]] = {
+    "OPEN": (EVERY, {Received.OPEN, Received.OPEN_END}, set()),
+    "REPLY (to initiator)": (
+        MINE | IDLE_STATES,
+        _REPLIES,
+        {Received.REPLY_INTERIM_END, Received.REPLY_MALFORMED},
+    ),
+    "REPLY (to responder)": (
+        THEIRS | IDLE_STATES,
+        _REPLIES,
+        {Received.REPLY_INTERIM_END, Received.REPLY_MALFORMED},
+    ),
+    "DATA": (EVERY, {Received.DATA, Received.DATA_END}, set()),
+    "TRAILERS": (EVERY, {Received.TRAILERS_END}, {Received.TRAILERS, Received.TRAILERS_MALFORMED}),
+    "WINDOW_UPDATE": (EVERY, {Received.WINDOW_UPDATE}, set()),
+    "RESET": (EVERY, {Received.RESET}, set()),
+}
+# "condition: outcome" clauses inside a cell, and the states they single out.
+SPEC_CONDITIONS = {
+    "before the final REPLY": {Recv.AWAITING_REPLY},
+    "a second final or REPLY after DATA": {Recv.RESPONSE},
+}
+# Phrases for an accepted frame -> the states it may leave the stream in (None: the state it was in).
+SPEC_ACCEPTS: dict[str, set[Recv] | None] = {
+    "opens the stream": {Recv.REQUEST, Recv.REQUEST_ENDED},
+    "interim/final as 4.3": {Recv.AWAITING_REPLY, Recv.RESPONSE, Recv.RESPONSE_ENDED},
+    "delivered": {Recv.RESPONSE, Recv.RESPONSE_ENDED, Recv.REQUEST, Recv.REQUEST_ENDED},
+    "delivered, ends the side": set(ENDED),
+    "credits the send window": None,
+    "stream closed, reported": {Recv.CLOSED_OWN, Recv.CLOSED_PEER},
+}
+
+
+def spec_table() -> dict[str, dict[str, str]]:
+    """SPEC 7's table of received frames: row -> column -> cell text."""
+    section = SPEC.read_text().split("\n## 7. ", 1)[1].split("\n## ", 1)[0]
+    lines = [line.strip().strip("|") for line in section.splitlines() if line.startswith("|")]
+    header, _rule, *rows = [[cell.strip() for cell in line.split("|")] for line in lines]
+    return {row[0]: dict(zip(header[1:], row[1:], strict=True)) for row in rows}
+
+
+def _verdict(phrase: str) -> tuple[str, ...]:
+    """An outcome phrase as ("conn" | "stream", code), ("discard",) or ("accept", phrase)."""
+    refusal = re.fullmatch(r"(conn|stream) ([A-Z_]+)", phrase)
+    if refusal:
+        return refusal.groups()
+    if phrase.startswith("discarded"):
+        return ("discard",)
+    assert phrase in SPEC_ACCEPTS, f"SPEC 7 says {phrase!r}: teach this test what it means"
+    return ("accept", phrase)
+
+
+def spec_cell(text: str, states: set[Recv]) -> dict[Recv, tuple[str, ...]]:
+    """What a SPEC cell says for each state of its column: the first clause, unless a condition overrides it.
+    A parenthesis without a colon (say, the REFUSED_STREAM remark) is about admission, not state: skipped."""
+    first, *clauses = (c.strip() for c in re.split(r";|\(|\)", text) if c.strip())
+    verdicts = dict.fromkeys(states, _verdict(first))
+    for clause in clauses:
+        if ":" in clause:
+            condition, phrase = (part.strip() for part in clause.split(":", 1))
+            assert condition in SPEC_CONDITIONS, f"SPEC 7 has the condition {condition!r}: teach this test"
+            verdicts.update(dict.fromkeys(SPEC_CONDITIONS[condition] & states, _verdict(phrase)))
+    return verdicts
+
+
+def _code_verdict(state: Recv, event: Received) -> tuple[str, ...]:
+    cell = RECEIVED[state, event]
+    if isinstance(cell, Fail):
+        return ("conn", cell.code.name)
+    if isinstance(cell, Reset):
+        return ("stream", cell.code.name)
+    return ("discard",) if cell is DISCARD_CELL else ("accept",)
+
+
+SPEC_CELLS = [(row, column) for row in SPEC_ROWS for column in SPEC_COLUMNS]
+
+
+def test_spec_table_has_the_rows_and_columns_mapped_here() -> None:
+    table = spec_table()
+    assert set(table) == set(SPEC_ROWS)
+    assert all(set(cells) == set(SPEC_COLUMNS) for cells in table.values())
+
+
+@pytest.mark.parametrize(("row", "column"), SPEC_CELLS)
+def test_code_table_matches_spec_table(row: str, column: str) -> None:
+    states, events, ill_formed = SPEC_ROWS[row]
+    for state, verdict in spec_cell(spec_table()[row][column], SPEC_COLUMNS[column] & states).items():
+        expected = verdict[:1] if verdict[0] == "accept" else verdict  # ("accept", phrase) -> ("accept",)
+        for event in events:
+            cell = RECEIVED[state, event]
+            assert _code_verdict(state, event) == expected, (state, event)
+            if verdict[0] == "accept":
+                allowed = SPEC_ACCEPTS[verdict[1]]
+                assert cell in (allowed if allowed is not None else {state}), (state, event, cell)
+        if verdict[0] != "accept":  # the state alone refuses: no frame variant gets another answer
+            for event in ill_formed:
+                assert _code_verdict(state, event) == verdict, (state, event)
+
+
+def test_code_table_matches_spec_prose_on_our_own_idle_ids() -> None:
+    # Not a column of the table: "Frames on a stream of *our own* parity that we never opened are a connection
+    # error PROTOCOL_ERROR".
+    assert (
+        "Frames on a stream of *our own* parity that we never opened are a connection error PROTOCOL_ERROR"
+        in (" ".join(SPEC.read_text().split()))
+    )
+    assert {_code_verdict(Recv.IDLE_OWN, event) for event in Received} == {("conn", "PROTOCOL_ERROR")}
+
+
+def test_code_table_is_complete() -> None:
+    assert set(RECEIVED) == {(state, event) for state in Recv for event in Received}
+    assert set(SENT) == {(side, action) for side in Side for action in Sent}
