@@ -270,11 +270,7 @@ class Connection(_Receiving):
                 if room < size:
                     size = room
                 if size <= 0:
-                    if window <= 0:
-                        stream.queued = False  # a WINDOW_UPDATE for it re-queues it
-                    else:
-                        queue.append(stream_id)
-                        waiting += 1
+                    waiting += self._park(stream)
                     continue
                 stream.send_window = window - size
                 conn.send_window = conn_window - size
@@ -304,14 +300,8 @@ class Connection(_Receiving):
                 append(_pack_header(_DATA, flags, stream_id))
                 budget -= _HEADER_SIZE
             if drained and stream.trailers_pending is not None:
-                trailers = stream.trailers_pending
-                # Stay within max_bytes (data_to_send's contract): TRAILERS that do not fit wait for the
-                # next call, unless nothing at all went out yet (at least one frame per call).
-                if _HEADER_SIZE + len(trailers) <= budget or not out:
-                    append(F.encode_frame(F.FrameType.TRAILERS, _END, stream_id, trailers))
-                    budget -= _HEADER_SIZE + len(trailers)
-                    stream.trailers_pending = None
-                    stream.end_pending = False
+                if self._emit_trailers(stream, out, budget):
+                    budget -= len(out[-1])  # the TRAILERS frame
                 elif not size:
                     waiting = skipped + 1  # nothing went out for this stream: it counts as skipped
             if stream.outbound_bytes or stream.end_pending:
@@ -321,6 +311,27 @@ class Connection(_Receiving):
                 if stream.send_side is Side.CLOSED:
                     self._maybe_retire(stream)
         return budget
+
+    def _park(self, stream: Stream) -> int:
+        """A stream with data but no window or budget for it: 1 if it stays queued (and counts as skipped)."""
+        if stream.send_window <= 0:
+            stream.queued = False  # a WINDOW_UPDATE for it re-queues it
+            return 0
+        self._send_queue.append(stream.stream_id)
+        return 1
+
+    @staticmethod
+    def _emit_trailers(stream: Stream, out: list[bytes | memoryview], budget: int) -> bool:
+        trailers = stream.trailers_pending
+        assert trailers is not None
+        # Stay within max_bytes (data_to_send's contract): TRAILERS that do not fit wait for the next call,
+        # unless nothing at all went out yet (at least one frame per call).
+        if _HEADER_SIZE + len(trailers) > budget and out:
+            return False
+        out.append(F.encode_frame(F.FrameType.TRAILERS, _END, stream.stream_id, trailers))
+        stream.trailers_pending = None
+        stream.end_pending = False
+        return True
 
 
 def _misuse(stream: Stream, cell: SentCell) -> LocalProtocolError:
