@@ -15,6 +15,7 @@ from ._core import (
     _END,
     _HEADER_SIZE,
     _OPEN,
+    _SIDE_CLOSED,
     _STREAM_ID,
     ConnectionState,
     Role,
@@ -308,7 +309,7 @@ class Connection(_Receiving):
                 queue.append(stream_id)
             else:
                 stream.queued = False
-                if stream.send_side is Side.CLOSED:
+                if stream.send_side is _SIDE_CLOSED:
                     self._maybe_retire(stream)
         return budget
 

@@ -32,6 +32,9 @@ _HEADER_STRUCT = struct.Struct(">IBI")
 _pack_header = _HEADER_STRUCT.pack
 _unpack_header = _HEADER_STRUCT.unpack_from
 _HEAD_TYPES = frozenset(int(t) for t in F.HEAD_FRAME_TYPES)
+# Bound once: reading an enum member off its class is a descriptor call in Python 3.11, and this one is read
+# on every acknowledgement and every emptied send queue.
+_SIDE_CLOSED = Side.CLOSED
 
 
 class Role(enum.Enum):
@@ -145,7 +148,7 @@ class _ConnectionCore:
                 self._peer_active -= 1
 
     def _maybe_retire(self, stream: Stream) -> None:
-        if stream.send_side is not Side.CLOSED or stream.end_pending:
+        if stream.send_side is not _SIDE_CLOSED or stream.end_pending:
             return
         if stream.recv not in ENDED:
             return
