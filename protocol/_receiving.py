@@ -210,7 +210,7 @@ class _Receiving(_ConnectionCore):
         before = self._absent(stream_id) if stream is None else stream.recv
         recv = RECEIVED[before, _E.OPEN_END if flags & _END else _E.OPEN]
         if type(recv) is not Recv:
-            self._refuse(stream_id, recv, events)  # only connection errors: an OPEN never names a live stream
+            self._refuse(stream_id, recv, events)  # every refused OPEN is a connection error (SPEC 6)
             return
         self._highest_peer_id = stream_id
         local = self.local_settings

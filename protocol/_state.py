@@ -10,7 +10,8 @@ A stream has two sides. Our send side (`Side`) is what we may still send. The re
 the peer may still send; for the table it also tells whose stream it is and whether it exists at all, since
 those decide what a frame on it means (SPEC 6): a stream absent from the table is idle or closed by its id.
 
-Every state and event is an IntEnum, so the (state, event) keys hash in C: the DATA lookups run per frame.
+States and events are IntEnums, so the (state, event) keys hash in C and index the per-event rows
+(RECEIVED_BY_EVENT, SENT_BY_EVENT) through which the per-frame DATA paths read the same cells.
 """
 
 from __future__ import annotations
@@ -107,9 +108,8 @@ class Misuse:
 
 
 DISCARD = Discard()
-Refusal = Reset | Fail | Discard
 # An accepted frame's cell is the receive state it leaves the stream in (RESET: the closed state of its id).
-ReceivedCell = Recv | Refusal
+ReceivedCell = Recv | Reset | Fail | Discard
 SentCell = Side | Misuse
 
 # The receive states of a stream whose peer direction has ended (its window is never credited again).
@@ -123,6 +123,7 @@ _BACK = Fail("OPEN of stream {stream_id} after stream {highest}: ids must increa
 _DROP = DISCARD
 
 _E = Received
+# The receive states by name, for the grids below.
 (
     IDLE_PEER,
     IDLE_OWN,
