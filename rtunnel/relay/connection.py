@@ -14,6 +14,7 @@ from collections.abc import Callable
 import h11
 import trio
 
+from ..http.bridge import transfer_encoded
 from ..net.clientaddr import TrustedProxies
 from ..net.limits import Counter
 from ..ops.inspector import Capture, Inspector
@@ -210,7 +211,7 @@ class ClientConnection:
             # now: left pending, the client would still be in SEND_BODY when the response ends, and the
             # keep-alive connection could not start its next cycle (it would be closed after every GET).
             self.wire.h11.next_event()
-        self.wire.chunked = any(name == b"transfer-encoding" for name, _ in request.headers)
+        self.wire.chunked = transfer_encoded(request.headers)
         plan = plan_request(
             request, self._router, body=body, client_ip=self._client_ip, scheme=self._scheme,
             request_id=request_id,

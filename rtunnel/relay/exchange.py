@@ -18,6 +18,7 @@ import trio
 from protocol import ErrorCode, HeadNotEncodable
 
 from ..http.proxyheaders import strip_hop_by_hop
+from ..http.replay import ReplayBuffer
 from ..link.mux import Multiplexer, MuxStream, StreamReset
 from ..ops.inspector import Capture
 from ..ops.logs import with_request_id
@@ -26,7 +27,7 @@ from .pumps import CLIENT_LEFT, Attempt, Stage, pump_response_body, pump_switche
 from .registry import NoAgentAvailable
 from .replies import reply
 from .request import Plan, unencodable
-from .retry import MAX_ATTEMPTS, MAX_POSSIBLY_PROCESSED, Replay, on_reset
+from .retry import MAX_ATTEMPTS, MAX_POSSIBLY_PROCESSED, on_reset
 from .wire import ClientGone
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class Exchange:
         # An upgrade request's direction stays open after its empty body: once switched, it carries the
         # client's bytes.
         end_stream = not plan.has_body and plan.offer is None
-        replay = Replay()
+        replay = ReplayBuffer()
         attempt = possibly_processed = 0
         mux: Multiplexer | None = None  # the agent of the previous attempt
         while True:
@@ -124,7 +125,7 @@ class Exchange:
             return end
 
     async def _attempt_on(
-        self, stream: MuxStream, mux: Multiplexer, replay: Replay
+        self, stream: MuxStream, mux: Multiplexer, replay: ReplayBuffer
     ) -> Result | Retry | ErrorReply:
         attempt = Attempt()
         plan = self._plan
@@ -160,7 +161,7 @@ class Exchange:
         wants_continue: bool,
         upgrade: bool,
         mux: Multiplexer,
-        replay: Replay,
+        replay: ReplayBuffer,
     ) -> Then | Retry | ErrorReply:
         """_relay_response, with the ways it fails turned into what they come to."""
         try:
@@ -178,7 +179,7 @@ class Exchange:
             return Then.ABORT
 
     def _on_reset(
-        self, exc: StreamReset, attempt: Attempt, replay: Replay, link_gone: bool
+        self, exc: StreamReset, attempt: Attempt, replay: ReplayBuffer, link_gone: bool
     ) -> Then | Retry | ErrorReply:
         return on_reset(
             self._request.method,
@@ -284,7 +285,7 @@ class Exchange:
     ) -> None:
         try:
             with scope:
-                await request_side(self._wire, stream, attempt, False, Replay(), self._conn.limits)
+                await request_side(self._wire, stream, attempt, False, ReplayBuffer(), self._conn.limits)
         except Exception as exc:  # in the relay's nursery it must not end every other connection
             self._watch_error = exc
         finally:

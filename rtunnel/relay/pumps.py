@@ -20,13 +20,14 @@ import trio
 
 from protocol import ErrorCode
 
+from ..http.bridge import READ_SIZE, end_body
 from ..http.passthrough import pump
+from ..http.replay import ReplayBuffer
 from ..http.strict import MAX_CHUNK_SIZE, chunk_left
 from ..link.mux import MuxStream, StreamReset
 from .limits import HttpLimits
 from .outcome import ErrorReply
-from .retry import Replay
-from .wire import READ_SIZE, ClientGone, ClientWire
+from .wire import ClientGone, ClientWire
 
 __all__ = [
     "CLIENT_LEFT",
@@ -78,7 +79,12 @@ class Attempt:
 
 
 async def request_side(
-    wire: ClientWire, stream: MuxStream, attempt: Attempt, body: bool, replay: Replay, limits: HttpLimits
+    wire: ClientWire,
+    stream: MuxStream,
+    attempt: Attempt,
+    body: bool,
+    replay: ReplayBuffer,
+    limits: HttpLimits,
 ) -> None:
     if body:
         await _pump_request_body(wire, stream, attempt, replay, limits)
@@ -100,16 +106,16 @@ async def request_side(
 
 
 async def _pump_request_body(
-    wire: ClientWire, stream: MuxStream, attempt: Attempt, replay: Replay, limits: HttpLimits
+    wire: ClientWire, stream: MuxStream, attempt: Attempt, replay: ReplayBuffer, limits: HttpLimits
 ) -> None:
     try:
-        if replay.held or replay.complete:
-            # A retry: first what the earlier attempt had already read from the client.
-            attempt.bytes_in = len(replay.held)
-            if replay.held:
-                await stream.send_data(bytes(replay.held))
+        if replay.size or replay.complete:
+            # A retry: first what the earlier attempt had already read from the client, in one piece.
+            attempt.bytes_in = replay.size
+            if replay.size:
+                await stream.send_data(b"".join(replay.chunks))
             if replay.complete:
-                await _end_body(stream, replay.trailers)
+                await end_body(stream, replay.trailers or [])
                 return
         with trio.CancelScope() as stall:
             await _pump_client_body(wire, stream, attempt, replay, stall, limits)
@@ -127,7 +133,7 @@ async def _pump_client_body(
     wire: ClientWire,
     stream: MuxStream,
     attempt: Attempt,
-    replay: Replay,
+    replay: ReplayBuffer,
     stall: trio.CancelScope,
     limits: HttpLimits,
 ) -> None:
@@ -165,7 +171,7 @@ async def _pump_client_body(
         elif isinstance(event, h11.EndOfMessage):
             replay.complete = True
             replay.trailers = list(event.headers.raw_items())
-            await _end_body(stream, list(event.headers.raw_items()))
+            await end_body(stream, list(event.headers.raw_items()))
             return
         else:
             attempt.failed = CLIENT_LEFT  # "client closed the connection mid-body"
@@ -182,13 +188,6 @@ async def _pump_client_body(
         if unyielded >= YIELD_EVERY:
             unyielded = 0
             await trio.lowlevel.checkpoint()
-
-
-async def _end_body(stream: MuxStream, trailers: list[tuple[bytes, bytes]] | None) -> None:
-    if trailers:
-        await stream.send_trailers(trailers)
-    else:
-        await stream.send_end()
 
 
 def _judge_chunk(wire: ClientWire, received: int, size: int, limit: int | None) -> ErrorReply | None:

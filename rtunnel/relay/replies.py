@@ -3,10 +3,9 @@ do next (Retry-After, Connection: close, Rtunnel-Listener)."""
 
 from __future__ import annotations
 
-import http
-
 import h11
 
+from ..http.replies import phrase, plain_text
 from ..ops.logs import with_request_id
 from .outcome import ErrorReply, Result, Then
 from .request import MISDIRECTED_AGENT
@@ -39,11 +38,7 @@ async def send_error(
     conn = wire.h11
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return None
-    body = (reason + "\n").encode()
-    headers: list[tuple[bytes, bytes]] = [
-        (b"Content-Type", b"text/plain; charset=utf-8"),
-        (b"Content-Length", str(len(body)).encode()),
-    ]
+    body, headers = plain_text(reason + "\n")
     if retry_after:
         headers.append((b"Retry-After", b"5"))
     if status == MISDIRECTED_AGENT:
@@ -52,16 +47,9 @@ async def send_error(
     if close or conn.their_state not in (h11.DONE, h11.IDLE):
         headers.append((b"Connection", b"close"))
     try:
-        await wire.send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
+        await wire.send(h11.Response(status_code=status, headers=headers, reason=phrase(status)))
         await wire.send(h11.Data(data=body))
         await wire.send(h11.EndOfMessage())
     except (ClientGone, h11.LocalProtocolError):
         return 0
     return len(body)
-
-
-def _phrase(status: int) -> bytes:
-    try:
-        return http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""

@@ -1,50 +1,19 @@
-"""The relay's retry rule (SPEC.md 10.1): which failed exchanges it may send again, and the state it keeps
-for that (the request body it still holds, what already reached the client)."""
+"""The relay's retry rule (SPEC.md 10.1): which failed exchanges it may send again, and how often. The methods
+that may be sent twice and the request body held for that are the rules both ends share (http/replay.py)."""
 
 from __future__ import annotations
 
-import dataclasses
-
+from ..http.replay import IDEMPOTENT
 from ..link.mux import StreamReset
 from .outcome import ErrorReply, Retry, Then
 
-__all__ = [
-    "IDEMPOTENT",
-    "MAX_ATTEMPTS",
-    "MAX_POSSIBLY_PROCESSED",
-    "REPLAY_LIMIT",
-    "Replay",
-    "on_reset",
-]
+__all__ = ["MAX_ATTEMPTS", "MAX_POSSIBLY_PROCESSED", "on_reset"]
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # SPEC 10 says which requests may be sent again at all. One is sent at most MAX_ATTEMPTS times in all, and one
 # that may have reached the upstream (idempotent, link lost) at most twice: a request that kills its agent
 # must not go on to kill every other agent.
 MAX_ATTEMPTS = 5
 MAX_POSSIBLY_PROCESSED = 2
-# Request bodies up to this size are held until the exchange ends, so that a refused request can be resent.
-REPLAY_LIMIT = 64 * 1024
-
-
-@dataclasses.dataclass(slots=True)
-class Replay:
-    """The request body read from the client so far, held (up to REPLAY_LIMIT) so that a request whose
-    stream was refused, or lost before the agent could have processed it, can be sent again (SPEC 10)."""
-
-    held: bytearray = dataclasses.field(default_factory=bytearray)
-    overflow: bool = False  # more was read than is held: the body cannot be replayed
-    complete: bool = False  # the client's EndOfMessage was read
-    trailers: list[tuple[bytes, bytes]] | None = None
-
-    def hold(self, data: bytes) -> None:
-        if self.overflow:
-            return
-        if len(self.held) + len(data) > REPLAY_LIMIT:
-            self.overflow = True
-            self.held = bytearray()
-        else:
-            self.held += data
 
 
 def on_reset(

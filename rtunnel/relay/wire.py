@@ -10,12 +10,12 @@ from __future__ import annotations
 import h11
 import trio
 
+from ..http.bridge import READ_SIZE
 from ..http.strict import HeadChecker
 from ..net import fastsend
 
-__all__ = ["FEED_SIZE", "MAX_CHUNK_LINE", "READ_SIZE", "ClientGone", "ClientWire"]
+__all__ = ["FEED_SIZE", "MAX_CHUNK_LINE", "ClientGone", "ClientWire"]
 
-READ_SIZE = 65536
 # The client's bytes are handed to h11 in slices of at most this size while a head or a chunk-size line is
 # being read, so that h11's incomplete-event limit (and ours on chunk lines) trips within one slice of the
 # limit instead of after a whole 64 KiB read.
