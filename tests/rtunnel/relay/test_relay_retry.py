@@ -95,12 +95,14 @@ async def fail(stream: MuxStream) -> None:
     stream.reset(ErrorCode.INTERNAL_ERROR)
 
 
-async def request(registry: AgentRegistry, method: str, body: bytes = b"") -> tuple[int, bytes]:
-    """One request through a ClientConnection; returns (status, body)."""
+async def request(
+    registry: AgentRegistry, method: str, body: bytes = b"", more: tuple[tuple[str, str], ...] = ()
+) -> tuple[int, bytes]:
+    """One request through a ClientConnection (with the headers `more`); returns (status, body)."""
     client, server = trio.testing.memory_stream_pair()
     connection = ClientConnection(server, registry, HttpLimits(), client_ip="192.0.2.1")
     parser = h11.Connection(h11.CLIENT)
-    headers = [("Host", "example"), ("Content-Length", str(len(body)))]
+    headers = [("Host", "example"), ("Content-Length", str(len(body))), *more]
     data = parser.send(h11.Request(method=method, target="/x", headers=headers))
     data += parser.send(h11.Data(data=body)) if body else b""
     data += parser.send(h11.EndOfMessage())
@@ -116,7 +118,7 @@ async def request(registry: AgentRegistry, method: str, body: bytes = b"") -> tu
                 status = event.status_code
             elif isinstance(event, h11.Data):
                 received += event.data
-            elif isinstance(event, h11.EndOfMessage):
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 break
         await client.aclose()
     return status, bytes(received)
@@ -258,6 +260,30 @@ async def test_a_response_head_that_is_not_valid_http_is_a_502_and_frees_its_str
         assert status == 502
         assert mux.in_flight == 0
         assert agents.seen == [("bad", "GET", digest(b""))]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_101_that_is_not_valid_http_is_a_502_and_no_switch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Nothing of the 101 reached the client, so it gets the relay's 502 rather than the agent's raw bytes.
+    async def bad_switch(stream: MuxStream) -> None:
+        evil = ((b"Upgrade", b"websocket"), (b"X-Evil", b"a\r\nSet-Cookie: x=1"))
+        await stream.send_reply(ResponseHead(101, b"Switching Protocols", evil))
+        await stream.send_data(b"raw bytes of the new protocol")
+
+    registry = AgentRegistry(agent_wait=10)
+    async with trio.open_nursery() as nursery:
+        t_relay, t_agent = memory_transport_pair()
+        relay_side = Multiplexer(t_relay, Role.ACCEPTOR)
+        nursery.start_soon(_run_quietly, Multiplexer(t_agent, Role.DIALER, handler=bad_switch))
+        await nursery.start(_run_quietly, relay_side)
+        registry.add(relay_side)
+        upgrade = (("Connection", "upgrade"), ("Upgrade", "websocket"))
+        with trio.fail_after(60):  # virtual time: a relay that switched anyway never answers
+            status, text = await request(registry, "GET", more=upgrade)
+        assert status == 502 and b"gave up" not in text
+        assert relay_side.in_flight == 0
         nursery.cancel_scope.cancel()
 
 
