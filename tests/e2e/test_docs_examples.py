@@ -76,7 +76,7 @@ EXAMPLES = (
             "x-request-id: order-1234",
         ),
     ),
-    Example("docs/operations.md", ("RTUNNEL_ADMIN_TOKEN=$(openssl rand -hex 24)",), ('"process"', "401")),
+    Example("docs/operations.md", ("RTUNNEL_ADMIN_TOKEN=$(rtunnel token)",), ('"process"', "401")),
     Example(
         "docs/operations.md",
         ("rtunnel dial ws://127.0.0.1:8443 ws://127.0.0.1:8444",),
@@ -98,7 +98,7 @@ EXAMPLES = (
     Example(
         "docs/security.md",
         ("rtunnel cert --host relay.example.com --host 192.0.2.10 --out tls",),
-        ("DNS:relay.example.com", "IP Address:192.0.2.10"),
+        ("for relay.example.com, 192.0.2.10", "--ca ca.pem", "-rw------- 1", "relay-key.pem"),
     ),
     Example("docs/apps.md", ("--app web:app",), ("hello from inside the agent",)),
     Example("docs/conformance.md", ("python -m rtunnel.conformance relay",), ("conformance: MUST",)),
