@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from protocol import Limits, Settings
-from rtunnel import cli
-from rtunnel.allowlist import DEFAULT_MAX_TARGET_LENGTH
-from rtunnel.clidocs import COMMAND, render
-from rtunnel.cliparse import subparsers
-from rtunnel.relay import FRAME_SIZE, STREAM_WINDOW, RelayConfig
-from rtunnel.relay_http import MAX_CHUNK_LINE, HttpLimits
-from rtunnel.wslink import MAX_MESSAGE_SIZE
+from rtunnel.cli import commands as cli
+from rtunnel.cli.docs import COMMAND, render
+from rtunnel.cli.parse import subparsers
+from rtunnel.http.target import DEFAULT_MAX_TARGET_LENGTH
+from rtunnel.link.wslink import MAX_MESSAGE_SIZE
+from rtunnel.relay.exchange import MAX_CHUNK_LINE, HttpLimits
+from rtunnel.relay.server import FRAME_SIZE, STREAM_WINDOW, RelayConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -58,6 +58,16 @@ def anchors(text: str) -> set[str]:
         re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
         for heading in re.findall(r"^#+ (.*)$", re.sub(r"(?ms)^```.*?^```", "", text), re.MULTILINE)
     }
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_files_it_names_exist(page: Path) -> None:
+    """`rtunnel/link/mux.py`, `tests/e2e/...`: moved or deleted files must not linger in the manual (one that is
+    gone on purpose is named with the `git log -- PATH` that finds it)."""
+    text = page.read_text()
+    for match in re.finditer(r"`((?:rtunnel|protocol|tests|bench|deploy|docs|\.ci)/[\w./-]*)`", text):
+        if not text[: match.start()].endswith("git log -- "):
+            assert (ROOT / match.group(1)).exists(), (page.name, match.group(1))
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)

@@ -1,11 +1,11 @@
-"""An in-memory message transport pair for runtime tests: the same contract as rtunnel.transport.Transport
+"""An in-memory message transport pair for runtime tests: the same contract as rtunnel.link.transport.Transport
 (send/receive whole messages, TransportClosed at the end), without sockets."""
 
 from __future__ import annotations
 
 import trio
 
-from rtunnel.transport import TransportClosed
+from rtunnel.link.transport import TransportClosed
 
 
 class MemoryTransport:
