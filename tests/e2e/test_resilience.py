@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from ..faultproxy import open_fault_proxy
-from .procs import Agent, Relay, http_client, run_agent, run_relay, wait_counts
+from .procs import Agent, Relay, http_client, relay_ports, run_agent, run_relay, wait_counts
 from .upstream import Upstream, payload
 
 pytestmark = pytest.mark.e2e
@@ -285,21 +285,23 @@ async def test_blackhole_mid_transfer_is_noticed_by_both_sides_and_the_tunnel_co
 async def test_relay_killed_and_restarted_agent_is_back_within_the_backoff(
     upstream: Upstream, token: str
 ) -> None:
-    async with (
-        run_relay(token, extra_args=RELAY_ARGS) as relay,
-        run_agent(relay.agents_url, upstream.url, token=token, extra_args=AGENT_ARGS) as agent,
-    ):
-        mark = agent.mark()
-        relay.kill()
-        await relay.wait_exit()
-        await agent.wait_for_line("connection lost", since=mark)
-        # The agent keeps failing while the relay is away (refused), each failure logged with the next delay.
-        await agent.wait_for_line(re.compile(r"connection refused; next attempt in \d+\.\d s"), since=mark)
-        async with run_relay(token, **relay.bind_args(), extra_args=RELAY_ARGS) as again:
-            # Backoff cap 0.5 s: back within the cap plus a connect, far inside this budget.
-            await timed("agent back after the relay restarted", lambda: agent.wait_connected(since=mark))
-            async with http_client(again.http_url) as client:
-                assert (await client.get("/after-restart")).status_code == 200
+    with relay_ports() as ports:
+        async with (
+            run_relay(token, **ports, extra_args=RELAY_ARGS) as relay,
+            run_agent(relay.agents_url, upstream.url, token=token, extra_args=AGENT_ARGS) as agent,
+        ):
+            mark = agent.mark()
+            relay.kill()
+            await relay.wait_exit()
+            await agent.wait_for_line("connection lost", since=mark)
+            # The agent keeps failing while the relay is away (refused), each failure logged with the delay.
+            refused = re.compile(r"connection refused; next attempt in \d+\.\d s")
+            await agent.wait_for_line(refused, since=mark)
+            async with run_relay(token, **ports, extra_args=RELAY_ARGS) as again:
+                # Backoff cap 0.5 s: back within the cap plus a connect, far inside this budget.
+                await timed("agent back after the relay restarted", lambda: agent.wait_connected(since=mark))
+                async with http_client(again.http_url) as client:
+                    assert (await client.get("/after-restart")).status_code == 200
 
 
 async def test_agent_killed_and_replaced_serves_at_once(upstream: Upstream, token: str) -> None:
