@@ -10,6 +10,9 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+import trio
+
 
 @contextmanager
 def bound_socket() -> Iterator[socket.socket]:
@@ -44,3 +47,16 @@ def reserved_port() -> Iterator[int]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         yield int(sock.getsockname()[1])
+
+
+async def connect_from(source: str, port: int) -> trio.SocketStream:
+    """A TCP connection to 127.0.0.1:port from the loopback address ``source`` (127.0.0.2 ... stand for other
+    clients); the test is skipped where the machine cannot bind that source address."""
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        pytest.skip(f"cannot connect from {source}: {exc}")
+    return trio.SocketStream(sock)

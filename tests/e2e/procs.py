@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -53,6 +54,7 @@ __all__ = [
     "Relay",
     "UpstreamProcess",
     "http_client",
+    "new_token",
     "relay_ports",
     "run_agent",
     "run_process",
@@ -276,6 +278,12 @@ class UpstreamProcess(ManagedProcess):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def new_token() -> str:
+    """A fresh agent token. The fixed prefix matters: a bare token_urlsafe starts with "-" one time in 64, and
+    argparse then reads "--token -xyz" as a missing value (exit 2), which made e2e tests fail at random."""
+    return "tok-" + secrets.token_urlsafe(16)
 
 
 def http_client(base_url: str = "", **kwargs: Any) -> httpx.AsyncClient:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -45,11 +44,6 @@ if HAPROXY is None and not os.environ.get("CI"):
     pytest.skip(
         "haproxy is not installed (apt-get install haproxy; .ci/run does it)", allow_module_level=True
     )
-
-
-@pytest.fixture
-def token() -> str:
-    return "t" + secrets.token_urlsafe(16)
 
 
 def haproxy_config(front: int, backends: list[int]) -> str:

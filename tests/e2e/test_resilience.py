@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import re
-import secrets
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -36,12 +35,6 @@ AGENT_ARGS = [
 ]  # fmt: skip
 REQUEST_TIMEOUT = 30.0  # no request of these tests may take longer: past it, it counts as hung
 BUDGET = 20.0  # generous bound for a process to notice something
-
-
-@pytest.fixture
-def token() -> str:
-    # conftest's token_urlsafe() can start with "-", which argparse then takes for an option.
-    return "t" + secrets.token_urlsafe(16)
 
 
 def note(what: str) -> None:

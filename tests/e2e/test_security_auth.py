@@ -8,14 +8,14 @@ from __future__ import annotations
 import base64
 import os
 import re
-import secrets
 import signal
 from pathlib import Path
 
 import pytest
 import trio
 
-from .procs import RTUNNEL_CMD, http_client, run_agent, run_relay
+from ..ports import connect_from
+from .procs import RTUNNEL_CMD, http_client, new_token, run_agent, run_relay
 from .upstream import Upstream
 
 pytestmark = pytest.mark.e2e
@@ -23,26 +23,15 @@ pytestmark = pytest.mark.e2e
 DEBUG_CMD = (*RTUNNEL_CMD, "--log-level", "debug")
 
 
-def new_token() -> str:
-    return secrets.token_hex(16)  # never starts with "-" (argparse would take it for an option)
-
-
 async def upgrade_status(port: int, token: str, *, source: str = "127.0.0.1") -> int:
     """One raw WebSocket upgrade to the relay's agent port from `source`; the HTTP status it got."""
-    sock = trio.socket.socket()
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except OSError as exc:
-        sock.close()
-        pytest.skip(f"cannot connect from {source}: {exc}")
     key = base64.b64encode(os.urandom(16))
     request = (
         b"GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n"
         b"Sec-WebSocket-Protocol: rtunnel.v1\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n"
     )
-    async with trio.SocketStream(sock) as stream:
+    async with await connect_from(source, port) as stream:
         await stream.send_all(request)
         data = b""
         with trio.fail_after(10):

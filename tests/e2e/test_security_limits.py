@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 
+from ..ports import connect_from
 from .procs import http_client, run_agent, run_relay
 from .rawhttp import RawClient
 from .upstream import Upstream
@@ -33,14 +34,7 @@ LIMITS = [
 @asynccontextmanager
 async def raw_from(source: str, port: int) -> AsyncIterator[RawClient]:
     """A raw HTTP connection to the relay from a chosen loopback source address."""
-    sock = trio.socket.socket()
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except OSError as exc:
-        sock.close()
-        pytest.skip(f"cannot connect from {source}: {exc}")
-    async with trio.SocketStream(sock) as stream:
+    async with await connect_from(source, port) as stream:
         yield RawClient(stream)
 
 

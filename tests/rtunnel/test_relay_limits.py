@@ -17,6 +17,7 @@ from rtunnel.limits import AuthThrottle
 from rtunnel.mux import Multiplexer, MuxStream, StreamReset
 from rtunnel.relay import Relay, RelayConfig
 from rtunnel.relay_http import HttpLimits
+from tests.ports import connect_from
 
 from .memtransport import memory_transport_pair
 from .relay_rig import relay_rig
@@ -404,17 +405,6 @@ async def test_a_slow_but_progressing_stream_is_not_reaped(
 # --- connections on the relay's HTTP listener (real sockets, in-process relay) -----------------------------
 
 
-async def _connect_from(source: str, port: int) -> trio.SocketStream:
-    sock = trio.socket.socket()
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except OSError as exc:
-        sock.close()
-        pytest.skip(f"cannot connect from {source}: {exc}")
-    return trio.SocketStream(sock)
-
-
 async def _status(stream: trio.SocketStream) -> tuple[int, bool]:
     """Send a request and read the status of the answer; also whether the relay then closed."""
     await stream.send_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -437,20 +427,20 @@ async def test_the_http_listener_limits_connections_in_total_and_per_address(nur
     held = []
     # Each sends part of a head and stops: busy, not idle, so never reclaimed for a newcomer.
     for source in ("127.0.0.1", "127.0.0.1", "127.0.0.2"):
-        stream = await _connect_from(source, port)
+        stream = await connect_from(source, port)
         await stream.send_all(b"GET /x HTTP/1.1\r\n")
         held.append(stream)
     await _until_counted(relay, 3)
-    over_address = await _connect_from("127.0.0.1", port)  # third from one address
+    over_address = await connect_from("127.0.0.1", port)  # third from one address
     assert await _status(over_address) == (503, True)
-    over_total = await _connect_from("127.0.0.3", port)  # fourth in total
+    over_total = await connect_from("127.0.0.3", port)  # fourth in total
     assert await _status(over_total) == (503, True)
     # No agent: a request is answered 503 "no agent" and the connection stays open (and counted).
     # Closing one frees its slot (the relay notices the close when its handler ends).
     await held.pop().aclose()
     with trio.fail_after(10):
         while True:
-            retry = await _connect_from("127.0.0.3", port)
+            retry = await connect_from("127.0.0.3", port)
             if await _status(retry) == (503, False):
                 break
             await trio.sleep(0.01)
@@ -486,12 +476,12 @@ async def test_at_the_connection_limit_the_longest_idle_connection_makes_room(nu
     assert relay.http_address is not None
     port = relay.http_address[1]
     # Two keep-alive connections, each idle after one exchange (503: no agent; the connection stays open).
-    oldest = await _connect_from("127.0.0.1", port)
+    oldest = await connect_from("127.0.0.1", port)
     assert await _answered(oldest) == (503, False)
-    newer = await _connect_from("127.0.0.1", port)
+    newer = await connect_from("127.0.0.1", port)
     assert await _answered(newer) == (503, False)
     # A third client, from another address: the relay closes the longest idle connection and serves it.
-    newcomer = await _connect_from("127.0.0.2", port)
+    newcomer = await connect_from("127.0.0.2", port)
     assert await _answered(newcomer) == (503, False)
     with trio.fail_after(10):
         while await oldest.receive_some():  # the rest of its last response, if any, then the close
@@ -500,7 +490,7 @@ async def test_at_the_connection_limit_the_longest_idle_connection_makes_room(nu
     # With every connection busy (a head in progress), nothing is reclaimed: the newcomer is refused.
     for stream in (newer, newcomer):
         await stream.send_all(b"GET /x HTTP/1.1\r\n")
-    refused = await _connect_from("127.0.0.3", port)
+    refused = await connect_from("127.0.0.3", port)
     assert await _answered(refused) == (503, True)
     for stream in (oldest, newer, newcomer, refused):
         await stream.aclose()

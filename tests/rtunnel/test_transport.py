@@ -17,13 +17,13 @@ import trio_websocket
 
 from rtunnel.limits import AuthThrottle
 from rtunnel.transport import SUBPROTOCOL, Transport, parse_relay_url
+from tests.ports import refused_port
 
 from .transport_common import (
     AUTH_HEADER,
     TOKEN,
     _authenticate,
     _echo,
-    _free_port,
     _raw_rejection,
     _start_relay,
 )
@@ -179,8 +179,8 @@ async def test_client_reports_version_mismatch_on_426(tr: ModuleType, nursery: t
 
 
 async def test_refused_port(tr: ModuleType) -> None:
-    with pytest.raises(tr.ConnectError, match="connection refused"):
-        async with tr.connect(f"ws://127.0.0.1:{_free_port()}/", token=TOKEN, ssl_context=None):
+    with refused_port() as port, pytest.raises(tr.ConnectError, match="connection refused"):
+        async with tr.connect(f"ws://127.0.0.1:{port}/", token=TOKEN, ssl_context=None):
             pass
 
 
