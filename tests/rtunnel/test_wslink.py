@@ -124,19 +124,26 @@ async def test_abort_unblocks_a_send_stuck_on_a_peer_that_does_not_read(
 
     url = await _start_relay(tr, nursery, not_reading)
     outcome: list[str] = []
+    in_send = False
     async with tr.connect(url, token=TOKEN, ssl_context=None) as t:
 
         async def flood() -> None:
+            nonlocal in_send
             chunk = bytes(256 * 1024)
             try:
                 while True:
+                    in_send = True
                     await t.send(chunk)
+                    in_send = False
             except tr.TransportClosed as exc:
                 outcome.append(exc.reason)
 
         async with trio.open_nursery() as inner:
             inner.start_soon(flood)
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            # Every task blocked: the flood waits inside a send (on a full socket, or on an ACK that frees
+            # send buffer; either way a send that only the abort can end now). No real-time cushion needed.
+            await trio.testing.wait_all_tasks_blocked()
+            assert in_send
             t.abort()
     release.set()
     assert outcome == ["aborted locally"]
@@ -153,7 +160,7 @@ async def test_cancelled_send_poisons_the_link(tr: ModuleType, nursery: trio.Nur
         with trio.CancelScope() as scope:
 
             async def cancel_when_stuck() -> None:
-                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                await trio.testing.wait_all_tasks_blocked()  # the loop below is blocked inside a send
                 scope.cancel()
 
             async with trio.open_nursery() as inner:
@@ -242,13 +249,17 @@ async def test_reader_answers_pings_while_a_send_is_stuck(tr: ModuleType, nurser
     got_all = trio.Event()
     sending = trio.Event()
     flood_done = trio.Event()
+    in_send = False
 
     async def handler(t: Transport) -> None:
         async def flood() -> None:
+            nonlocal in_send
             with contextlib.suppress(_impl(t).TransportClosed):
                 for _ in range(128):  # 32 MiB: more than loopback socket buffers hold
                     sending.set()
+                    in_send = True
                     await t.send(bytes(256 * 1024))
+                    in_send = False
             flood_done.set()
 
         async with trio.open_nursery() as inner:
@@ -263,7 +274,9 @@ async def test_reader_answers_pings_while_a_send_is_stuck(tr: ModuleType, nurser
     stream, proto = await _sansio_client(url)
     async with stream:
         await sending.wait()
-        await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the flood is stuck on us
+        # Every task blocked: the flood waits inside a send, for us to read (we never do before the pongs).
+        await trio.testing.wait_all_tasks_blocked()
+        assert in_send
         for i in range(20):
             proto.send_ping(b"p%d" % i)
             proto.send_binary(b"m%d" % i)
