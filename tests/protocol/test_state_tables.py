@@ -35,6 +35,8 @@ from protocol import (
     WindowUpdated,
 )
 
+from ._wire import block, frame
+
 HEAD = RequestHead(b"POST", b"/x", ((b"Host", b"h"),))
 FINAL = ResponseHead(200, b"OK")
 INTERIM = ResponseHead(100, b"Continue")
@@ -44,22 +46,9 @@ TRAILERS = ((b"Digest", b"x"),)
 # -- frames written out by hand (independent of the encoder) ------------------------------------------
 
 
-def frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return (
-        len(payload).to_bytes(3, "big") + bytes((frame_type, flags)) + stream_id.to_bytes(4, "big") + payload
-    )
-
-
-def _block(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
-    out = struct.pack(">H", len(headers))
-    for name, value in headers:
-        out += struct.pack(">H", len(name)) + name + struct.pack(">H", len(value)) + value
-    return out
-
-
-_REQ = b"\x04POST\x00\x02/x" + _block(HEAD.headers)
-_FINAL = b"\x00\xc8\x02OK" + _block(())
-_INTERIM = b"\x00\x64\x08Continue" + _block(())
+_REQ = b"\x04POST\x00\x02/x" + block(HEAD.headers)
+_FINAL = b"\x00\xc8\x02OK" + block(())
+_INTERIM = b"\x00\x64\x08Continue" + block(())
 
 FRAMES: dict[str, Callable[[int], bytes]] = {
     "OPEN": lambda s: frame(1, 0, s, _REQ),
@@ -71,8 +60,8 @@ FRAMES: dict[str, Callable[[int], bytes]] = {
     "DATA": lambda s: frame(3, 0, s, b"x"),
     "DATA+END": lambda s: frame(3, 1, s, b"x"),
     "DATA-empty+END": lambda s: frame(3, 1, s),
-    "TRAILERS+END": lambda s: frame(4, 1, s, _block(TRAILERS)),
-    "TRAILERS-no-END": lambda s: frame(4, 0, s, _block(TRAILERS)),
+    "TRAILERS+END": lambda s: frame(4, 1, s, block(TRAILERS)),
+    "TRAILERS-no-END": lambda s: frame(4, 0, s, block(TRAILERS)),
     "WINDOW_UPDATE": lambda s: frame(5, 0, s, b"\x00\x00\x00\x01"),
     "WINDOW_UPDATE-0": lambda s: frame(5, 0, s, b"\x00\x00\x00\x00"),
     "RESET": lambda s: frame(6, 0, s, b"\x00\x00\x00\x08"),
