@@ -17,9 +17,9 @@ from rtunnel.clientaddr import TrustedProxies
 from rtunnel.proxyprotocol import V2_SIGNATURE
 from rtunnel.relay import Relay, RelayConfig
 from rtunnel.relay_http import HttpLimits
+from tests.ports import connect_from
 
 from .relay_rig import relay_rig
-from .test_relay_limits import _connect_from
 
 TOKEN = b"proxy-protocol-test-token"
 
@@ -237,10 +237,10 @@ async def test_an_address_with_too_many_handshakes_in_progress_is_closed_at_once
             max_handshakes_per_ip=2,
         )
     )
-    stalled = [await _connect_from("127.0.0.2", port) for _ in range(2)]
+    stalled = [await connect_from("127.0.0.2", port) for _ in range(2)]
     for stream in stalled:
         await stream.send_all(b"GET / HTTP/1.1\r\n")  # a handshake in progress, never finished
-    over = await _connect_from("127.0.0.2", port)
+    over = await connect_from("127.0.0.2", port)
     assert await _read_head(over) == b""  # closed before anything was read or answered
     async with await _connect(port) as other:  # another address is not affected
         await other.send_all(_upgrade(TOKEN))
