@@ -24,14 +24,14 @@ import h11
 import trio
 import trio.testing
 
-from protocol import RequestHead, ResponseHead, Role, Settings
+from protocol import RequestHead, ResponseHead, Settings
 from rtunnel.clientaddr import TrustedProxies
 from rtunnel.limits import Counter
 from rtunnel.mux import Multiplexer, MuxStream
 from rtunnel.registry import AgentRegistry
 from rtunnel.relay_http import ClientConnection, HttpLimits
 
-from .memtransport import memory_transport_pair
+from .memtransport import start_pair
 
 TIMEOUT = 10.0
 
@@ -256,13 +256,13 @@ async def relay_rig(
     async with trio.open_nursery() as nursery:
         rig = Rig(registry, agent, limits, Counter(per_key=limits.max_exchanges_per_ip), nursery)
         if with_agent:
-            t_relay, t_agent = memory_transport_pair()
-            rig.relay_mux = Multiplexer(t_relay, Role.ACCEPTOR, settings=Settings(max_concurrent_streams=0))
-            agent_mux = Multiplexer(
-                t_agent, Role.DIALER, handler=agent, settings=agent_settings or Settings()
+            pair = await start_pair(
+                nursery,
+                agent,
+                relay_options={"settings": Settings(max_concurrent_streams=0)},
+                agent_options={"settings": agent_settings or Settings()},
             )
-            nursery.start_soon(agent_mux.run)
-            await nursery.start(rig.relay_mux.run)
+            rig.relay_mux = pair.relay
             registry.add(rig.relay_mux)
         try:
             yield rig

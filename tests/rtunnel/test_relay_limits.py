@@ -12,14 +12,14 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import ErrorCode, RequestHead, ResponseHead, Role, Settings
+from protocol import ErrorCode, RequestHead, ResponseHead, Settings
 from rtunnel.limits import AuthThrottle
 from rtunnel.mux import Multiplexer, MuxStream, StreamReset
 from rtunnel.relay import Relay, RelayConfig
 from rtunnel.relay_http import HttpLimits
 from tests.ports import connect_from
 
-from .memtransport import memory_transport_pair
+from .memtransport import start_pair
 from .relay_rig import relay_rig
 
 POST = b"POST /x HTTP/1.1\r\nHost: a\r\n"
@@ -355,14 +355,14 @@ async def test_over_the_memory_budget_new_exchanges_get_503_until_it_drains() ->
 async def _open_pair(
     nursery: trio.Nursery, agent_settings: Settings, handler: object, stall_timeout: float
 ) -> Multiplexer:
-    t_relay, t_agent = memory_transport_pair()
-    relay = Multiplexer(
-        t_relay, Role.ACCEPTOR, settings=Settings(max_concurrent_streams=0), stall_timeout=stall_timeout
+    relay_options = {"settings": Settings(max_concurrent_streams=0), "stall_timeout": stall_timeout}
+    pair = await start_pair(
+        nursery,
+        handler,  # type: ignore[arg-type]
+        relay_options=relay_options,
+        agent_options={"settings": agent_settings},
     )
-    agent = Multiplexer(t_agent, Role.DIALER, handler=handler, settings=agent_settings)  # type: ignore[arg-type]
-    nursery.start_soon(agent.run)
-    await nursery.start(relay.run)
-    return relay
+    return pair.relay
 
 
 async def test_a_stream_whose_peer_never_opens_its_window_is_reset(
