@@ -48,7 +48,7 @@ from typing import Final, Literal
 
 import trio
 
-from .nurseries import unwrap_single
+from .trio_helpers import unwrap_single
 
 __all__ = ["FaultProxy", "ProxyStats", "open_fault_proxy"]
 

@@ -40,8 +40,8 @@ from typing import Any, Final, TypedDict, TypeVar
 import httpx
 import trio
 
-from ..nurseries import unwrap_single
 from ..ports import reserved_port
+from ..trio_helpers import unwrap_single
 
 __all__ = [
     "DEFAULT_TIMEOUT",

@@ -53,7 +53,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from ..nurseries import unwrap_single
+from ..trio_helpers import unwrap_single
 
 __all__ = [
     "Upstream",

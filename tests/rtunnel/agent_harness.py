@@ -114,13 +114,6 @@ async def call(
     )
 
 
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll state owned by other tasks and sockets (pool counters), for which no event exists."""
-    with trio.fail_after(10):
-        while not predicate():  # noqa: ASYNC110
-            await trio.sleep(0.01)
-
-
 # --- scripted upstream: a raw TCP server whose behaviour the test writes --------------------------------
 
 

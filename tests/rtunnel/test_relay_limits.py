@@ -18,6 +18,7 @@ from rtunnel.mux import Multiplexer, MuxStream, StreamReset
 from rtunnel.relay import Relay, RelayConfig
 from rtunnel.relay_http import HttpLimits
 from tests.ports import connect_from
+from tests.trio_helpers import wait_until
 
 from .memtransport import start_pair
 from .relay_rig import relay_rig
@@ -306,9 +307,7 @@ async def test_exchanges_per_ip_are_limited_with_429_and_other_ips_go_on() -> No
             client = await rig.connect("198.51.100.7")
             await client.send(b"GET /hold/%s HTTP/1.1\r\nHost: a\r\n\r\n" % key.encode())
             held.append(client)
-        with trio.fail_after(10):
-            while len(rig.agent.seen) < 2:  # noqa: ASYNC110  (both exchanges reached the agent)
-                await trio.sleep(0.01)
+        await wait_until(lambda: len(rig.agent.seen) >= 2)  # both exchanges reached the agent
         flood = await rig.connect("198.51.100.7")
         await flood.send(b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n")
         status, headers, _ = await flood.response()
@@ -333,9 +332,7 @@ async def test_over_the_memory_budget_new_exchanges_get_503_until_it_drains() ->
         # A client that asks for a big body and does not read it: the relay holds up to a window of it.
         hog = await rig.connect("198.51.100.7", lockstep=True)
         await hog.send(b"GET /big/200000 HTTP/1.1\r\nHost: a\r\n\r\n")
-        with trio.fail_after(10):
-            while rig.relay_mux.buffered_bytes <= 64 * 1024:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        await wait_until(lambda: rig.relay_mux.buffered_bytes > 64 * 1024)
         other = await rig.connect("203.0.113.9")
         await other.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         status, headers, _ = await other.response()
@@ -449,9 +446,7 @@ async def test_the_http_listener_limits_connections_in_total_and_per_address(nur
 
 
 async def _until_counted(relay: Relay, connections: int) -> None:
-    with trio.fail_after(10):
-        while relay.connection_count < connections:  # noqa: ASYNC110 (the count is polled, not signalled)
-            await trio.sleep(0.01)
+    await wait_until(lambda: relay.connection_count >= connections)  # the count is polled, not signalled
 
 
 async def _answered(stream: trio.SocketStream) -> tuple[int, bool]:
