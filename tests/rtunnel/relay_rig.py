@@ -226,6 +226,18 @@ class Rig:
         self.nursery.start_soon(serve)
         return Client(client_end, done)
 
+    async def assert_refused(self, raw: bytes, status: int) -> None:
+        """`raw`, then a second request on the same connection: `raw` is answered with `status` and
+        Connection: close, the connection closed, and nothing (the second request least of all) reached the
+        agent."""
+        client = await self.connect()
+        await client.send(raw + b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+        got, headers, _ = await client.response()
+        assert got == status
+        assert (b"connection", b"close") in headers
+        assert await client.closed()
+        assert self.agent.seen == []
+
     async def roundtrip(self, data: bytes, client_ip: str = "192.0.2.1") -> bytes:
         """Send `data`, then EOF; everything the relay sent back until it closed. (A client that half-closes
         has abandoned its exchange: only for requests the relay answers itself.)"""
