@@ -98,38 +98,35 @@ def _peer_first(me: Connection) -> int:
     return 2 if me.role is Role.DIALER else 1
 
 
-def _i(*, end: bool, reply: bool = False, reply_end: bool = False, reset: bool = False) -> Setup:
+def _stream(
+    mine: bool, *, end: bool, reply: bool = False, reply_end: bool = False, reset: bool = False
+) -> Setup:
+    """A stream opened by me (`mine`) or by the peer, optionally answered by the other end, optionally reset
+    by the opener."""
+
+    def setup(me: Connection, them: Connection) -> int:
+        opener, answerer = (me, them) if mine else (them, me)
+        sid = opener.open_stream(HEAD, end_stream=end)
+        pump(me, them)
+        if reply:
+            answerer.send_reply(sid, FINAL, end_stream=reply_end)
+            pump(me, them)
+        if reset:
+            opener.reset_stream(sid)
+            pump(me, them)
+        return sid
+
+    return setup
+
+
+def _i(**how: bool) -> Setup:
     """A stream I initiated."""
-
-    def setup(me: Connection, them: Connection) -> int:
-        sid = me.open_stream(HEAD, end_stream=end)
-        pump(me, them)
-        if reply:
-            them.send_reply(sid, FINAL, end_stream=reply_end)
-            pump(me, them)
-        if reset:
-            me.reset_stream(sid)
-            pump(me, them)
-        return sid
-
-    return setup
+    return _stream(True, **how)
 
 
-def _r(*, end: bool, reply: bool = False, reply_end: bool = False, reset: bool = False) -> Setup:
+def _r(**how: bool) -> Setup:
     """A stream the peer initiated."""
-
-    def setup(me: Connection, them: Connection) -> int:
-        sid = them.open_stream(HEAD, end_stream=end)
-        pump(me, them)
-        if reply:
-            me.send_reply(sid, FINAL, end_stream=reply_end)
-            pump(me, them)
-        if reset:
-            them.reset_stream(sid)
-            pump(me, them)
-        return sid
-
-    return setup
+    return _stream(False, **how)
 
 
 def _idle_peer(me: Connection, them: Connection) -> int:
