@@ -13,6 +13,8 @@ from .upstream import Upstream, payload_sha256
 
 pytestmark = pytest.mark.e2e
 
+QUICK_BACKOFF = ["--backoff-initial", "0.1", "--backoff-cap", "0.5"]
+
 
 async def test_download_and_upload_through_the_tunnel(client: httpx.AsyncClient) -> None:
     n = 5 * 1024 * 1024 + 7
@@ -40,7 +42,8 @@ async def test_agent_reconnects_after_relay_kill_and_restart(upstream: Upstream,
     with relay_ports() as ports:
         async with (
             run_relay(token, **ports) as relay,
-            run_agent(relay.agents_url, upstream.url, token=token) as agent,
+            # A short backoff: the agent is back as soon as the new relay listens, not seconds later.
+            run_agent(relay.agents_url, upstream.url, token=token, extra_args=QUICK_BACKOFF) as agent,
         ):
             mark = agent.mark()
             relay.kill()
