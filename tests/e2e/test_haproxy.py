@@ -46,16 +46,9 @@ if HAPROXY is None and not os.environ.get("CI"):
     )
 
 
-def haproxy_config(front: int, backends: list[int]) -> str:
-    # `front` is the number of an inherited file descriptor: the test binds the port and HAProxy listens.
-    # TCP mode: HAProxy knows nothing of HTTP, as with any L4 balancer. A dead relay refuses connections:
-    # `retries` + `redispatch` send such a connection to the other relay, and the health checks take the
-    # dead one out of the rotation shortly after.
-    servers = "\n".join(
-        f"    server relay{i} 127.0.0.1:{port} check inter 200ms fall 1 rise 1"
-        for i, port in enumerate(backends, 1)
-    )
-    return f"""\
+# HAProxy in TCP mode, as any L4 balancer: it knows nothing of HTTP. `front` is the number of an inherited file
+# descriptor: the test binds the port and HAProxy listens on it.
+TCP_CONFIG = """\
 global
     maxconn 512
 
@@ -64,17 +57,25 @@ defaults
     timeout connect 2s
     timeout client 30s
     timeout server 30s
-    retries 3
-    option redispatch 1
-
+{defaults}
 frontend tunnel_http
     bind fd@{front}
     default_backend relays
 
 backend relays
-    balance roundrobin
-{servers}
+{backend}
 """
+
+
+def haproxy_config(front: int, backends: list[int]) -> str:
+    # A dead relay refuses connections: `retries` + `redispatch` send such a connection to the other relay,
+    # and the health checks take the dead one out of the rotation shortly after.
+    servers = "\n".join(
+        f"    server relay{i} 127.0.0.1:{port} check inter 200ms fall 1 rise 1"
+        for i, port in enumerate(backends, 1)
+    )
+    defaults = "    retries 3\n    option redispatch 1\n"
+    return TCP_CONFIG.format(front=front, defaults=defaults, backend=f"    balance roundrobin\n{servers}")
 
 
 @asynccontextmanager
@@ -161,26 +162,10 @@ async def test_two_relays_behind_haproxy_survive_the_loss_of_one(
 
 
 def haproxy_proxy_protocol_config(front: int, relay_port: int, send: str) -> str:
-    # `front`: an inherited, bound socket's file descriptor, as in haproxy_config.
     # The PROXY header is HAProxy's way to tell an L4 backend who the client is (`send-proxy` v1 text,
     # `send-proxy-v2` binary), the same as README's "several relays" configuration.
-    return f"""\
-global
-    maxconn 512
-
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-
-frontend tunnel_http
-    bind fd@{front}
-    default_backend relays
-
-backend relays
-    server relay1 127.0.0.1:{relay_port} {send} check inter 100ms
-"""
+    server = f"    server relay1 127.0.0.1:{relay_port} {send} check inter 100ms"
+    return TCP_CONFIG.format(front=front, defaults="", backend=server)
 
 
 @pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
