@@ -138,6 +138,10 @@ def test_a_truncated_header_is_incomplete_not_an_error(
     assert parser.header is not None
 
 
+def _signature_prefix(data: bytes) -> bool:
+    return b"PROXY ".startswith(data) or V2_SIGNATURE.startswith(data)
+
+
 @given(valid_headers(), st.data())
 def test_a_corrupted_signature_is_refused_on_the_byte_that_shows_it(
     case: tuple[bytes, ProxyHeader], data: st.DataObject
@@ -147,13 +151,24 @@ def test_a_corrupted_signature_is_refused_on_the_byte_that_shows_it(
     index = data.draw(st.integers(0, signature - 1))
     byte = data.draw(st.integers(0, 255).filter(lambda b: b != raw[index]))
     corrupted = raw[:index] + bytes([byte]) + raw[index + 1 :]
+    # Usually the corrupted byte itself; later when it starts the other signature instead ("\r" for the
+    # "P" of v1 is how the v2 signature begins).
+    shows = next(i for i in range(len(corrupted)) if not _signature_prefix(corrupted[: i + 1]))
     parser = ProxyHeaderParser()
-    for i in range(index):
+    for i in range(shows):
         assert parser.feed(corrupted[i : i + 1]) == 1
     with pytest.raises(ProxyProtocolError):
-        parser.feed(corrupted[index : index + 1])
+        parser.feed(corrupted[shows : shows + 1])
     with pytest.raises(ProxyProtocolError):
         parser.feed(b"anything")  # refused for good: nothing more is read
+
+
+def test_a_v1_signature_corrupted_into_the_start_of_v2_is_refused_where_it_stops_matching() -> None:
+    # Found by the property above: "\rROXY ..." is refused on its second byte, not its first.
+    parser = ProxyHeaderParser()
+    assert parser.feed(b"\r") == 1  # still the start of the v2 signature
+    with pytest.raises(ProxyProtocolError):
+        parser.feed(b"R")
 
 
 @given(st.binary(min_size=1, max_size=200))
