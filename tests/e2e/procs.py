@@ -45,6 +45,7 @@ from ..trio_helpers import unwrap_single
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "REFUSED_TOKEN_RE",
     "REPO_ROOT",
     "RTUNNEL_CMD",
     "STOP_TIMEOUT",
@@ -69,6 +70,9 @@ UPSTREAM_MODULE: Final = "tests.e2e.upstream"
 DEFAULT_TIMEOUT: Final = 15.0
 STOP_TIMEOUT: Final = 10.0
 LISTENING_RE: Final = re.compile(r"listening http=(\S+):(\d+) agents=(\S+):(\d+)")
+# An agent's line for a relay that refused its token. Never wait for a bare "401": a line logged at
+# hh:mm:ss,401 matches it.
+REFUSED_TOKEN_RE: Final = re.compile(r"refused the connection \(401 ")
 _ECHO: Final = os.environ.get("RTUNNEL_E2E_ECHO") == "1"
 
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from ..ports import connect_from
-from .procs import RTUNNEL_CMD, http_client, new_token, run_agent, run_relay
+from .procs import REFUSED_TOKEN_RE, RTUNNEL_CMD, http_client, new_token, run_agent, run_relay
 from .upstream import Upstream
 
 pytestmark = pytest.mark.e2e
@@ -74,7 +74,7 @@ async def test_token_file_groups_and_revocation_on_sighup(upstream: Upstream, tm
         ) as bad,
         http_client(relay.http_url) as c,
     ):
-        await bad.wait_for_line("401")
+        await bad.wait_for_line(REFUSED_TOKEN_RE)
         assert relay.count_lines("agent connected") == 2
         for i in range(4):
             assert (await c.get(f"/before/{i}")).status_code == 200
@@ -85,7 +85,7 @@ async def test_token_file_groups_and_revocation_on_sighup(upstream: Upstream, tm
         await relay.wait_for_line("tokens reloaded")
         await relay.wait_for_line(re.compile(r"token 'green' was revoked"))
         await green.wait_for_line("connection lost", since=mark)
-        await green.wait_for_line("401", since=mark)  # its next attempt is refused
+        await green.wait_for_line(REFUSED_TOKEN_RE, since=mark)  # its next attempt is refused
         # "blue" was never interrupted and serves everything now.
         for i in range(4):
             assert (await c.get(f"/after/{i}")).status_code == 200
