@@ -13,7 +13,6 @@ from contextlib import AbstractAsyncContextManager
 import pytest
 
 from protocol import ErrorCode, RequestHead, StreamReset
-from rtunnel.allowlist import normalize_target
 from rtunnel.conformance.peers import (
     DATA,
     END_STREAM,
@@ -24,6 +23,7 @@ from rtunnel.conformance.peers import (
     hostile_relay,
     u32,
 )
+from rtunnel.http.target import normalize_target
 
 from .procs import Agent, run_agent
 from .upstream import Upstream

@@ -1,4 +1,4 @@
-"""An in-memory message transport pair for runtime tests: the same contract as rtunnel.transport.Transport
+"""An in-memory message transport pair for runtime tests: the same contract as rtunnel.link.transport.Transport
 (send/receive whole messages, TransportClosed at the end), without sockets; and a relay and an agent
 multiplexer connected over it."""
 
@@ -11,8 +11,8 @@ from typing import Any, NamedTuple
 import trio
 
 from protocol import Role
-from rtunnel.mux import Multiplexer, MuxStream
-from rtunnel.transport import TransportClosed
+from rtunnel.link.mux import Multiplexer, MuxStream
+from rtunnel.link.transport import TransportClosed
 
 
 class MemoryTransport:
