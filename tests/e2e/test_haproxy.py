@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -183,19 +183,19 @@ async def test_behind_haproxy_with_the_proxy_protocol_each_client_is_itself(
             config, lambda fd: haproxy_proxy_protocol_config(fd, relay.http_port, send)
         ) as front:
             await wait_accepting(front)
-            async with (
-                raw_from("127.0.0.2", front) as first,
-                raw_from("127.0.0.2", front) as second,
-                raw_from("127.0.0.2", front) as third,
-                raw_from("127.0.0.1", front) as other,
-            ):
+            # Each connection is opened just before its request: opened earlier, it could meet the 2 s
+            # --head-timeout while the others' exchanges cross a loaded machine.
+            async with AsyncExitStack() as stack:
                 # Two exchanges in progress from 127.0.0.2 through the balancer ...
-                for conn, key in ((first, b"a"), (second, b"b")):
+                for key in (b"a", b"b"):
+                    conn = await stack.enter_async_context(raw_from("127.0.0.2", front))
                     await conn.send(b"GET /hold/" + key + b" HTTP/1.1\r\nHost: a\r\n\r\n")
                     await conn.read_until(b"held\n")
                 # ... so its third is over its limit, while 127.0.0.1, through the same balancer, is not.
+                third = await stack.enter_async_context(raw_from("127.0.0.2", front))
                 await third.send(b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n")
                 assert (await third.response()).status == 429
+                other = await stack.enter_async_context(raw_from("127.0.0.1", front))
                 await other.send(b"GET /echo/other HTTP/1.1\r\nHost: a\r\n\r\n")
                 echoed = await other.response()
                 assert echoed.status == 200
