@@ -1,7 +1,7 @@
 """Every shell example of README.md and docs/, run as written.
 
 Each ```sh block is claimed below: run here (in a fresh directory, with `rtunnel`, `python3` and `python` this
-interpreter's, and free ports in place of the fixed ones the text uses), or run by another named test, or, for
+interpreter's, and ports of its own in place of the fixed ones the text uses), or run by another named test, or, for
 the benchmark alone, named as not run with the reason. A block nobody claims fails the first test, so a new
 example cannot go untested. A block that starts servers in the background is one shell script: its background
 jobs are stopped (SIGTERM) when the script ends, as they would be when a reader closes the terminal.
@@ -14,7 +14,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from ..ports import reserved_port
 from .procs import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
@@ -146,19 +146,12 @@ def test_every_shell_example_is_claimed_once() -> None:
         assert (REPO_ROOT / owner).exists(), owner
 
 
-def free_ports(count: int) -> list[int]:
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-def localize(script: str) -> str:
-    """The only changes to the text: free ports for the fixed ones, and loopback for 0.0.0.0."""
+def localize(script: str, ports: ExitStack) -> str:
+    """The only changes to the text: ports of the test's own for the fixed ones (reserved for as long as
+    `ports` is open, see tests/ports.py), and loopback for 0.0.0.0."""
     fixed = sorted(set(FIXED_PORTS.findall(script)))
-    ports = dict(zip(fixed, map(str, free_ports(len(fixed))), strict=True))
-    return FIXED_PORTS.sub(lambda m: ports[m.group(1)], script.replace("0.0.0.0:", "127.0.0.1:"))
+    mine = {port: str(ports.enter_context(reserved_port())) for port in fixed}
+    return FIXED_PORTS.sub(lambda m: mine[m.group(1)], script.replace("0.0.0.0:", "127.0.0.1:"))
 
 
 def shell_env(tmp_path: Path) -> dict[str, str]:
@@ -200,7 +193,8 @@ def run_script(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 def run_example(example: Example, tmp_path: Path) -> tuple[str, subprocess.CompletedProcess[str]]:
     blocks = sh_blocks(example.page)
     script = "\n".join(next(b for b in blocks if marker in b) for marker in example.markers)
-    return script, run_script(localize(script), tmp_path)
+    with ExitStack() as ports:
+        return script, run_script(localize(script, ports), tmp_path)
 
 
 @pytest.fixture(scope="module")
