@@ -1,4 +1,4 @@
-"""Shared by the state-table tests: frames written out by hand, and a pair of connections driven into every
+"""Shared by the state-table tests: a pair of connections driven into every
 stream state SPEC.md section 7 distinguishes, as seen by the endpoint under test ("me")."""
 
 from __future__ import annotations
@@ -19,15 +19,6 @@ HEAD = RequestHead(b"POST", b"/x", ((b"Host", b"h"),))
 FINAL = ResponseHead(200, b"OK")
 INTERIM = ResponseHead(100, b"Continue")
 TRAILERS = ((b"Digest", b"x"),)
-
-
-# -- frames written out by hand (independent of the encoder) ------------------------------------------
-
-
-def frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return (
-        len(payload).to_bytes(3, "big") + bytes((frame_type, flags)) + stream_id.to_bytes(4, "big") + payload
-    )
 
 
 # -- driving a pair into each state ----------------------------------------------------------------

@@ -18,7 +18,8 @@ from protocol import (
     Role,
 )
 
-from ._setups import FINAL, HEAD, INTERIM, SETUPS, TRAILERS, C, frame, freeze, pair, pump, theirs
+from ._setups import FINAL, HEAD, INTERIM, SETUPS, TRAILERS, C, freeze, pair, pump, theirs
+from ._wire import frame
 
 # -- local actions ----------------------------------------------------------------------------------
 

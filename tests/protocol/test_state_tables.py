@@ -34,19 +34,12 @@ from protocol import (
 from protocol._state import DISCARD as DISCARD_CELL
 from protocol._state import ENDED, RECEIVED, SENT, Fail, Received, Recv, Reset, Sent, Side
 
-from ._setups import FINAL, HCL, HCR, HEAD, INTERIM, OP, SETUPS, TRAILERS, C, frame, pair, pump, theirs
+from ._setups import FINAL, HCL, HCR, HEAD, INTERIM, OP, SETUPS, TRAILERS, C, pair, pump, theirs
+from ._wire import block, frame
 
-
-def _block(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
-    out = struct.pack(">H", len(headers))
-    for name, value in headers:
-        out += struct.pack(">H", len(name)) + name + struct.pack(">H", len(value)) + value
-    return out
-
-
-_REQ = b"\x04POST\x00\x02/x" + _block(HEAD.headers)
-_FINAL = b"\x00\xc8\x02OK" + _block(())
-_INTERIM = b"\x00\x64\x08Continue" + _block(())
+_REQ = b"\x04POST\x00\x02/x" + block(HEAD.headers)
+_FINAL = b"\x00\xc8\x02OK" + block(())
+_INTERIM = b"\x00\x64\x08Continue" + block(())
 
 FRAMES: dict[str, Callable[[int], bytes]] = {
     "OPEN": lambda s: frame(1, 0, s, _REQ),
@@ -58,8 +51,8 @@ FRAMES: dict[str, Callable[[int], bytes]] = {
     "DATA": lambda s: frame(3, 0, s, b"x"),
     "DATA+END": lambda s: frame(3, 1, s, b"x"),
     "DATA-empty+END": lambda s: frame(3, 1, s),
-    "TRAILERS+END": lambda s: frame(4, 1, s, _block(TRAILERS)),
-    "TRAILERS-no-END": lambda s: frame(4, 0, s, _block(TRAILERS)),
+    "TRAILERS+END": lambda s: frame(4, 1, s, block(TRAILERS)),
+    "TRAILERS-no-END": lambda s: frame(4, 0, s, block(TRAILERS)),
     "WINDOW_UPDATE": lambda s: frame(5, 0, s, b"\x00\x00\x00\x01"),
     "WINDOW_UPDATE-0": lambda s: frame(5, 0, s, b"\x00\x00\x00\x00"),
     "RESET": lambda s: frame(6, 0, s, b"\x00\x00\x00\x08"),

@@ -18,14 +18,14 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import ErrorCode, ResponseHead, Role
+from protocol import ErrorCode, ResponseHead
 from rtunnel.link.mux import LinkDead, Multiplexer, MuxStream
 from rtunnel.link.transport import TransportClosed
 from rtunnel.relay.connection import ClientConnection
 from rtunnel.relay.limits import HttpLimits
 from rtunnel.relay.registry import AgentRegistry
 
-from ..memtransport import memory_transport_pair
+from ..memtransport import mux_pair
 
 Handler = Callable[[MuxStream], Awaitable[None]]
 
@@ -46,10 +46,7 @@ class Agents:
 
     async def connect(self, name: str, behaviour: Handler | None) -> Multiplexer:
         """behaviour None: an agent that refuses every stream (REFUSED_STREAM)."""
-        t_relay, t_agent = memory_transport_pair()
-        relay_side = Multiplexer(t_relay, Role.ACCEPTOR)
-        handler = None if behaviour is None else self._recording(name, behaviour)
-        agent_side = Multiplexer(t_agent, Role.DIALER, handler=handler)
+        relay_side, agent_side, *_ = mux_pair(None if behaviour is None else self._recording(name, behaviour))
         self.nursery.start_soon(_run_quietly, agent_side)
         await self.nursery.start(_run_quietly, relay_side)
         self.registry.add(relay_side)
@@ -274,9 +271,8 @@ async def test_a_101_that_is_not_valid_http_is_a_502_and_no_switch(
 
     registry = AgentRegistry(agent_wait=10)
     async with trio.open_nursery() as nursery:
-        t_relay, t_agent = memory_transport_pair()
-        relay_side = Multiplexer(t_relay, Role.ACCEPTOR)
-        nursery.start_soon(_run_quietly, Multiplexer(t_agent, Role.DIALER, handler=bad_switch))
+        relay_side, agent_side, *_ = mux_pair(bad_switch)  # not Agents: its handler reads the body first
+        nursery.start_soon(_run_quietly, agent_side)
         await nursery.start(_run_quietly, relay_side)
         registry.add(relay_side)
         upgrade = (("Connection", "upgrade"), ("Upgrade", "websocket"))
