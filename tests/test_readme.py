@@ -10,7 +10,8 @@ import pytest
 
 from protocol import Limits, Settings
 from rtunnel.cli import commands as cli
-from rtunnel.cli.parse import _size, subparsers
+from rtunnel.cli.parse import subparsers
+from rtunnel.cli.values import size as option_size
 from rtunnel.http.target import DEFAULT_MAX_TARGET_LENGTH
 from rtunnel.link.wslink import MAX_MESSAGE_SIZE
 from rtunnel.relay.exchange import MAX_CHUNK_LINE, HttpLimits
@@ -149,7 +150,7 @@ def test_option_tables_show_the_parsers_defaults(command: str) -> None:
         for option, value in zip(options, values, strict=True):
             action = actions[option]
             if isinstance(action.default, float | int) and not isinstance(action.default, bool):
-                documented = _size(value) if value[-1:] in ("K", "M", "G") else number(value)
+                documented = option_size(value) if value[-1:] in ("K", "M", "G") else number(value)
                 assert documented == action.default, (option, value, action.default)
                 checked += 1
             elif isinstance(action.default, str):
