@@ -15,7 +15,7 @@ from ..ops.dashboard import Dashboard, Replayer
 from ..ops.inspector import DEFAULT_MAX_BODY, Inspector
 from ..ops.logs import LOG_FORMATS
 from ..ops.redact import DEFAULT_WORDS, Redactor
-from .values import count, positive, size
+from .values import count, is_token_text, positive, size
 
 if TYPE_CHECKING:
     from ..ops.metrics import Metrics
@@ -182,7 +182,7 @@ def admin_server(
 
 
 def _check_admin_token(token: str) -> None:
-    if not (token.isascii() and token.isprintable()) or " " in token:
+    if not is_token_text(token):
         raise ConfigError("admin token: printable ASCII without spaces")
     if len(token) < 16:
         raise ConfigError("admin token: at least 16 characters (e.g. `openssl rand -hex 16`)")

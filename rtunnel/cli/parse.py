@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from .. import __version__
 from ..ops.admin import DEFAULT_ADMIN
 from .common import global_options
+from .configfile import subparsers
 from .dial import add_dial_options
 from .serve import add_serve_options
 from .values import count, shown
@@ -60,13 +61,6 @@ class _Parser(argparse.ArgumentParser):
         if commands:  # the top-level parser: check option names before argparse's other complaints
             _check_option_names(self, commands, list(sys.argv[1:] if args is None else args))
         return super().parse_known_args(args, namespace)
-
-
-def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
 
 
 def _option_strings(parser: argparse.ArgumentParser) -> set[str]:

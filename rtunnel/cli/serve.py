@@ -22,7 +22,7 @@ from ..config import ConfigError, TokenGroup, load_tokens, parse_address, read_t
 from ..startup import connect_hints
 from .common import admin_options, admin_server, grace_option, liveness_options, token_options
 from .configfile import TUNNEL_NAME, TunnelSpec, tunnel_token_env
-from .values import count, shown, size
+from .values import count, is_token_text, shown, size
 
 if TYPE_CHECKING:
     from ..ops.admin import AdminServer
@@ -279,7 +279,7 @@ def _tunnel_specs(options: Sequence[str]) -> list[TunnelSpec]:
         if not TUNNEL_NAME.fullmatch(name):
             raise ConfigError(f"--tunnel {text!r}: NAME is letters, digits, '.', '_', '-' (at most 63)")
         token = os.environ.get(tunnel_token_env(name)) or None
-        if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+        if token is not None and not is_token_text(token):
             raise ConfigError(f"${tunnel_token_env(name)}: the token must be printable ASCII without spaces")
         spec = specs.get(name) or TunnelSpec(name, token)
         for rule in filter(None, (item.strip() for item in rules.split(","))):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["count", "count_positive", "positive", "shown", "size", "upstream_url"]
+__all__ = ["count", "count_positive", "is_token_text", "positive", "shown", "size", "upstream_url"]
 
 _SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -70,3 +70,8 @@ def shown(default: Any) -> str:
     if isinstance(default, float):
         return f"{default:g}"
     return str(default)
+
+
+def is_token_text(token: str) -> bool:
+    """Whether a secret can travel in an HTTP header as given: printable ASCII without spaces."""
+    return token.isascii() and token.isprintable() and " " not in token
