@@ -34,7 +34,7 @@ __all__ = ["Listening", "RelayRunner", "add_serve_options", "relay_runner"]
 
 log = logging.getLogger("rtunnel")
 
-# options in seconds where 0 means "no limit" (a negative number is a mistake)
+# durations where a negative number can only be a mistake (0 is "no limit" for the timeouts)
 _NOT_NEGATIVE = (
     "agent_wait",
     "head_timeout",
