@@ -122,8 +122,8 @@ class Failure:
 
 
 class Attempt:
-    """One try of the exchange on one upstream connection: how far it got and the first failure, moved on by
-    the body's task and the response's task through `advance` and `fail` only."""
+    """One try of the exchange on one upstream connection: how far it got (`phase`, set by the response's task
+    only) and the first failure (`fail`, by either task)."""
 
     __slots__ = ("conn", "failure", "head_scope", "phase", "response_timeout")
 
@@ -135,10 +135,6 @@ class Attempt:
         self.head_scope = trio.CancelScope()
         self.phase = Phase.WAITING
         self.failure: Failure | None = None
-
-    def advance(self, phase: Phase) -> None:
-        assert phase >= self.phase, f"attempt moved back from {self.phase.name} to {phase.name}"
-        self.phase = phase
 
     def fail(self, cause: Cause, reason: str) -> None:
         """Record a failure; the first one is the attempt's (what follows is its consequence)."""
@@ -323,7 +319,7 @@ async def _final_head(exchange: Exchange, att: Attempt) -> h11.Response | None:
         while True:
             event = await conn.next_event()
             if isinstance(event, h11.Response):
-                att.advance(Phase.RESPONDED)
+                att.phase = Phase.RESPONDED
                 return event
             if not isinstance(event, h11.InformationalResponse):
                 raise UpstreamBroken(f"upstream sent {type(event).__name__} before a response head")
@@ -336,7 +332,7 @@ async def _final_head(exchange: Exchange, att: Attempt) -> h11.Response | None:
                 raise UpstreamBroken(f"upstream sent more than {MAX_INTERIM_RESPONSES} interim responses")
             interim = tuple(strip_hop_by_hop(event.headers.raw_items()))
             await exchange.send_head(ResponseHead(event.status_code, event.reason[:_MAX_REASON], interim))
-            att.advance(Phase.INTERIM)
+            att.phase = Phase.INTERIM
     att.fail(Cause.TIMEOUT, f"upstream sent no response within {att.response_timeout:g} s")
     return None
 
@@ -348,7 +344,7 @@ async def _switch(exchange: Exchange, att: Attempt, event: h11.InformationalResp
         await exchange.stream.send_reply(ResponseHead(101, event.reason[:_MAX_REASON], kept))
     except LocalProtocolError as exc:
         raise UpstreamBroken(f"upstream 101 head cannot be forwarded: {exc}") from None
-    att.advance(Phase.SWITCHED)
+    att.phase = Phase.SWITCHED
     exchange.status = 101
 
 
@@ -372,7 +368,7 @@ async def _forward_response(exchange: Exchange, att: Attempt, response: h11.Resp
     except LocalProtocolError as exc:
         # Not forwardable (e.g. a head over the tunnel's MAX_HEAD_SIZE): still nothing sent, so 502.
         raise UpstreamBroken(f"upstream response head cannot be forwarded: {exc}") from None
-    att.advance(Phase.FORWARDED)
+    att.phase = Phase.FORWARDED
     exchange.status = status
     while True:
         event = await conn.next_event()
@@ -383,7 +379,7 @@ async def _forward_response(exchange: Exchange, att: Attempt, response: h11.Resp
             if not no_body:
                 await end_body(stream, strip_hop_by_hop(event.headers.raw_items()))
             exchange.finished = True
-            att.advance(Phase.COMPLETE)
+            att.phase = Phase.COMPLETE
             return
         else:
             raise UpstreamBroken(f"upstream sent {type(event).__name__} inside a response body")

@@ -54,7 +54,7 @@ class Exchange:
 
     async def run(self) -> None:
         handler = self.handler
-        prepared = prepare(self.head, handler.allowlist, handler.address.authority)
+        prepared = prepare(self.head, handler.allowlist, handler.default_host)
         self.log_path = prepared.log_path
         if isinstance(prepared, Refusal):
             await self.refuse(prepared)
@@ -129,6 +129,7 @@ class ExchangeHandler:
         idle_timeout: float = 30,
     ) -> None:
         self.address = parse_upstream_url(upstream_url)
+        self.default_host = self.address.authority  # the Host of a request that has none
         self.allowlist = allowlist
         self.response_timeout = response_timeout
         self.on_exchange: Callable[[Access], None] | None = None  # each exchange's access record (metrics)

@@ -48,7 +48,7 @@ class Refusal:
     log_path: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: a frozen __init__, run for every request, costs much more
 class Prepared:
     """A request that passed the checks: what to send upstream, the body's framing still open."""
 
