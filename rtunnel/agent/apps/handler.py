@@ -150,7 +150,7 @@ def _client(forwarded_for: bytes) -> tuple[str, int] | None:
 def _server(host: bytes, scheme: str) -> tuple[str, int]:
     default = 443 if scheme == "https" else 80
     text = host.decode("latin-1")
-    if text.startswith("["):  # [v6]:port (agent/exchange.py checked the syntax)
+    if text.startswith("["):  # [v6]:port (agent/prepare.py checked the syntax)
         name, _, rest = text[1:].partition("]")
         port = rest.removeprefix(":")
     else:
