@@ -184,7 +184,7 @@ class UpstreamConnection:
                         "upstream closed the connection in the middle of a response"
                     ) from None
                 if "_SWITCH_UPGRADE" in str(exc):
-                    # h11 accepts a 101 only in answer to a request that offered Upgrade (see agent/exchange.py).
+                    # h11 accepts a 101 only in answer to a request that offered Upgrade (see agent/attempt.py).
                     raise UpstreamBroken(
                         "upstream switched protocols (101) for a request that did not ask to"
                     ) from None

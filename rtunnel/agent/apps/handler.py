@@ -29,7 +29,7 @@ from ..allowlist import Allowlist
 from ..exchange import ExchangeHandler
 
 if TYPE_CHECKING:
-    from ..exchange import _Exchange
+    from ..exchange import Exchange as AgentExchange
 
 __all__ = [
     "AppExchangeHandler",
@@ -51,7 +51,7 @@ class ClientDisconnected(OSError):
 
 
 class Exchange(Protocol):
-    """What a service may do with the exchange the agent's handler runs (agent.exchange._Exchange)."""
+    """What a service may do with the exchange the agent's handler runs (agent.exchange.Exchange)."""
 
     stream: MuxStream
     method: bytes
@@ -150,7 +150,7 @@ def _client(forwarded_for: bytes) -> tuple[str, int] | None:
 def _server(host: bytes, scheme: str) -> tuple[str, int]:
     default = 443 if scheme == "https" else 80
     text = host.decode("latin-1")
-    if text.startswith("["):  # [v6]:port (agent/exchange.py checked the syntax)
+    if text.startswith("["):  # [v6]:port (agent/prepare.py checked the syntax)
         name, _, rest = text[1:].partition("]")
         port = rest.removeprefix(":")
     else:
@@ -245,7 +245,7 @@ class AppExchangeHandler(ExchangeHandler):
         self.app_call = self._serve_app
 
     async def _serve_app(
-        self, exchange: _Exchange, target: bytes, headers: list[Header], content_length: int | None
+        self, exchange: AgentExchange, target: bytes, headers: list[Header], content_length: int | None
     ) -> None:
         request = build_request(
             exchange.method, target, headers, upgrade=exchange.upgrade, content_length=content_length
