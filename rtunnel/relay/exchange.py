@@ -723,10 +723,24 @@ class ClientConnection:
             outcome.bytes_out += len(chunk)
             held += len(chunk)
             pending.append(self._h11.send(h11.Data(data=chunk)))
-        trailers = stream.trailers or ()
-        pending.append(self._h11.send(h11.EndOfMessage(headers=list(trailers))))
+        trailers = self._trailers_for(request, head.status, headers, stream)
+        pending.append(self._h11.send(h11.EndOfMessage(headers=trailers)))
         await self._send_bytes(pending)
         outcome.keep_alive = True
+
+    def _trailers_for(
+        self, request: h11.Request, status: int, headers: list[tuple[bytes, bytes]], stream: MuxStream
+    ) -> list[tuple[bytes, bytes]]:
+        """The agent's trailers, if the response goes out chunked: the one framing that carries them (h11
+        chunks a body of no declared length to an HTTP/1.1 client). Otherwise (an HTTP/1.0 client, a
+        Content-Length) they are dropped, as RFC 9112 7.1.2 lets a recipient that removes the chunked coding:
+        h11 would refuse them, and the head and body still batched in the same write would never go out."""
+        trailers = list(stream.trailers or ())
+        if not trailers:
+            return trailers
+        if request.method == b"HEAD" or status in (204, 304) or self._h11.their_http_version != b"1.1":
+            return []
+        return [] if any(name.lower() == b"content-length" for name, _ in headers) else trailers
 
     # -- helpers -----------------------------------------------------------------------------------
 

@@ -107,27 +107,48 @@ async def test_the_app_sees_http_disconnect_when_the_client_leaves() -> None:
     assert seen == ["http.disconnect", "send raised OSError"]
 
 
-async def test_trailers_reach_the_client() -> None:
+@pytest.mark.parametrize(
+    ("request_head", "length", "ending"),
+    [
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+            [],
+            b"payload\r\n0\r\ngrpc-status: 0\r\n\r\n",
+        ),
+        # HTTP/1.0: the body ends where the connection does, with no room for trailers: they are dropped.
+        (b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", [], b"\r\n\r\npayload"),
+        # Framed by Content-Length: trailers travel in chunked framing only.
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            [(b"content-length", b"7")],
+            b"\r\n\r\npayload",
+        ),
+    ],
+    ids=["chunked", "http-1.0", "content-length"],
+)
+async def test_trailers_reach_the_client_if_its_framing_carries_them(
+    request_head: bytes, length: list[tuple[bytes, bytes]], ending: bytes
+) -> None:
     async def app(scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         assert "http.response.trailers" in scope["extensions"]
-        await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": True})
+        await send({"type": "http.response.start", "status": 200, "headers": length, "trailers": True})
         await send({"type": "http.response.body", "body": b"payload"})
         await send({"type": "http.response.trailers", "headers": [(b"grpc-status", b"0")]})
 
     async with open_tunnel(app) as tunnel:
         host, port = tunnel.where.http
         stream = await trio.open_tcp_stream(host, port)
-        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n")
+        await stream.send_all(request_head)
         received = b""
         with trio.fail_after(10):
             while chunk := await stream.receive_some():
                 received += chunk
         await stream.aclose()
     assert received.startswith(b"HTTP/1.1 200")
-    assert b"payload" in received
-    assert received.endswith(b"0\r\ngrpc-status: 0\r\n\r\n")
+    assert received.endswith(ending)
+    assert received.count(b"grpc-status") == (b"grpc-status" in ending)
 
 
 async def test_app_errors_500_cut_or_504_and_other_exchanges_unharmed(
