@@ -197,13 +197,8 @@ def _serve_runner(args: argparse.Namespace) -> Runner:
     http_host, http_port = parse_address(args.http, "--http")
     agents_host, agents_port = parse_address(args.agents, "--agents")
     groups = load_tokens(args.token, args.token_file)
-    if args.agent_wait < 0:
-        raise ConfigError("--agent-wait must not be negative")
-    for option in ("head_timeout", "idle_timeout", "body_timeout", "stall_timeout", "auth_fail_window"):
-        if getattr(args, option) < 0:
-            raise ConfigError(f"--{option.replace('_', '-')} must not be negative")
-    if args.grace < 0:
-        raise ConfigError("--grace must not be negative")
+    durations = ("agent_wait", "head_timeout", "idle_timeout", "body_timeout", "stall_timeout")
+    _check_durations(args, *durations, "auth_fail_window", "grace", "ping_interval", "dead_timeout")
     config = RelayConfig(
         http_host=http_host,
         http_port=http_port,
@@ -284,6 +279,18 @@ def _serve_runner(args: argparse.Namespace) -> Runner:
 
     run.drain = drain  # type: ignore[attr-defined]
     return run
+
+
+def _check_durations(args: argparse.Namespace, *options: str) -> None:
+    """Seconds options are numbers >= 0 (inf allowed). float() and TOML also take nan, which would reach trio
+    as a deadline and fail every request that uses it with a traceback; here (not only in the parser) so that
+    the library API's keyword arguments are checked too."""
+    for option in options:
+        value = getattr(args, option)
+        if math.isnan(value):
+            raise ConfigError(f"--{option.replace('_', '-')} must be a number of seconds, not nan")
+        if value < 0:
+            raise ConfigError(f"--{option.replace('_', '-')} must not be negative")
 
 
 def _tunnel_specs(options: Sequence[str]) -> list[TunnelSpec]:
@@ -377,6 +384,8 @@ def _dial_runner(args: argparse.Namespace) -> Runner:
         allowlist = Allowlist.parse(args.allow)
     except AllowRuleError as exc:
         raise ConfigError(f"--allow: {exc}") from None
+    durations = ("grace", "connect_timeout", "response_timeout", "backoff_initial", "backoff_cap")
+    _check_durations(args, *durations, "ping_interval", "dead_timeout")
     token = load_token(args.token, args.token_file)
     needs_tls = any(url.startswith("wss://") for url in args.relay_urls)
     if args.ca and not needs_tls:
