@@ -273,6 +273,11 @@ class _Input:
             yield line
 
 
+# A line written to wsgi.errors without a line break goes to the log once this long: the buffer that holds it
+# is shared by every request (and the log line would be unreadable anyway).
+MAX_ERRORS_LINE: Final = 8192
+
+
 class _Errors:
     """`wsgi.errors`: what the app writes there goes to the log, a line at a time."""
 
@@ -284,6 +289,9 @@ class _Errors:
         with self._lock:
             lines = (self._partial + text).split("\n")
             self._partial = lines.pop()
+            while len(self._partial) > MAX_ERRORS_LINE:
+                lines.append(self._partial[:MAX_ERRORS_LINE])
+                self._partial = self._partial[MAX_ERRORS_LINE:]
         for line in lines:
             log.error("wsgi.errors: %s", line)
         return len(text)

@@ -278,3 +278,24 @@ async def test_wsgi_errors_go_to_the_log(caplog: pytest.LogCaptureFixture) -> No
         async with open_tunnel(app) as tunnel:
             assert (await tunnel.client.get("/")).status_code == 204
     assert any(r.getMessage() == "wsgi.errors: something odd" for r in caplog.records)
+
+
+async def test_wsgi_errors_without_line_breaks_are_logged_in_bounded_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its unterminated text waited for a line break, held by one buffer that every request shares: an app
+    # writing progress dots, say, grew it without bound.
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        for _ in range(1000):
+            environ["wsgi.errors"].write("x" * 100)
+        environ["wsgi.errors"].write("end\n")
+        start_response("204 No Content", [])
+        return []
+
+    with caplog.at_level(logging.INFO):
+        async with open_tunnel(app) as tunnel:
+            assert (await tunnel.client.get("/")).status_code == 204
+    prefix = "wsgi.errors: "
+    lines = [r.getMessage()[len(prefix) :] for r in caplog.records if r.getMessage().startswith(prefix)]
+    assert "".join(lines) == "x" * 100_000 + "end"
+    assert len(lines) > 10  # in pieces of a bounded size (8 KiB), not one line once the break came
