@@ -363,7 +363,7 @@ async def _reload_tokens_on_sighup(relay: Relay, token_file: str | None) -> None
 
 
 def _dial_runner(args: argparse.Namespace) -> Runner:
-    from protocol import Settings
+    from protocol import MAX_STREAM_ID, Settings
 
     from ..agent.allowlist import Allowlist, AllowRuleError
     from ..agent.apps.handler import AppExchangeHandler
@@ -386,6 +386,8 @@ def _dial_runner(args: argparse.Namespace) -> Runner:
         raise ConfigError(f"--allow: {exc}") from None
     durations = ("grace", "connect_timeout", "response_timeout", "backoff_initial", "backoff_cap")
     _check_durations(args, *durations, "ping_interval", "dead_timeout")
+    if args.max_streams > MAX_STREAM_ID:  # SPEC 6: MAX_CONCURRENT_STREAMS is 31 bits, as stream ids are
+        raise ConfigError(f"--max-streams {args.max_streams}: at most {MAX_STREAM_ID}")
     token = load_token(args.token, args.token_file)
     needs_tls = any(url.startswith("wss://") for url in args.relay_urls)
     if args.ca and not needs_tls:

@@ -163,3 +163,9 @@ def test_a_positive_duration_that_is_nan_is_a_usage_error(
     capsys: pytest.CaptureFixture[str], option: str
 ) -> None:
     assert "'nan' is not a number" in usage_error(capsys, *DIAL, option, "nan")
+
+
+def test_max_streams_beyond_the_protocols_range_is_refused() -> None:
+    # SPEC's MAX_CONCURRENT_STREAMS is 31 bits: a larger count was a ValueError traceback at start.
+    with pytest.raises(ConfigError, match=r"--max-streams 99999999999: at most 2147483647"):
+        cli._dial_runner(parse(*DIAL, "--max-streams", "99999999999"))
