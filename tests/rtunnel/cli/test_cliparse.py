@@ -10,7 +10,10 @@ import pytest
 
 from rtunnel.cli import commands as cli
 from rtunnel.cli.configfile import parse_args
-from rtunnel.cli.parse import subparsers, upstream_url
+from rtunnel.cli.dial import agent_runner
+from rtunnel.cli.parse import subparsers
+from rtunnel.cli.serve import relay_runner
+from rtunnel.cli.values import upstream_url
 from rtunnel.config import ConfigError
 
 DIAL = ["dial", "ws://relay:8443", "--upstream", "5000"]
@@ -152,7 +155,7 @@ def test_upstream_port_or_host_port_means_http(given: str, url: str) -> None:
 )
 def test_a_duration_that_is_nan_or_negative_is_refused(argv: list[str], message: str) -> None:
     args = parse(*argv)
-    runner = cli._serve_runner if argv[0] == "serve" else cli._dial_runner
+    runner = relay_runner if argv[0] == "serve" else agent_runner
     with pytest.raises(ConfigError) as refused:
         runner(args)
     assert str(refused.value) == message
@@ -168,4 +171,4 @@ def test_a_positive_duration_that_is_nan_is_a_usage_error(
 def test_max_streams_beyond_the_protocols_range_is_refused() -> None:
     # SPEC's MAX_CONCURRENT_STREAMS is 31 bits: a larger count was a ValueError traceback at start.
     with pytest.raises(ConfigError, match=r"--max-streams 99999999999: at most 2147483647"):
-        cli._dial_runner(parse(*DIAL, "--max-streams", "99999999999"))
+        agent_runner(parse(*DIAL, "--max-streams", "99999999999"))
