@@ -58,21 +58,32 @@ async def dial(
     from .cli.dial import agent_runner
 
     urls = [relay_urls] if isinstance(relay_urls, str) else list(relay_urls)
-    values = dict(upstream=upstream, app=app, token=token, allow=list(allow), **options)
+    if not urls:
+        raise ConfigError("rtunnel.dial() needs at least one relay URL")
+    values = dict(upstream=upstream, app=app, token=token, allow=allow, **options)
     args = _namespace("dial", urls, values)
     await agent_runner(args)(task_status=task_status)
 
 
 def _namespace(command: str, positional: list[str], values: dict[str, Any]) -> argparse.Namespace:
     """The command line's defaults for `command`, with `values` (option names as keyword names) set."""
-    from .cli.parse import build_parser
+    from .cli.parse import build_parser, subparsers
 
-    args = build_parser().parse_args([command, *positional])
+    parser = build_parser()
+    # Dial's relay URLs are set after parsing: argparse would exit the whole program on none, or take one
+    # that starts with "-" for an option. The runner checks them as it checks the command line's.
+    args = parser.parse_args([command, *(["ws://relay"] if command == "dial" else [])])
+    if command == "dial":
+        args.relay_urls = positional
     args.config_file, args.config_keys = None, {}
     if command == "serve":
         args.tunnels = ()
+    actions = subparsers(parser)[command]._actions
+    repeatable = {action.dest for action in actions if isinstance(action, argparse._AppendAction)}
     for name, value in values.items():
         if not hasattr(args, name) or name in ("command", "config", "config_file", "config_keys"):
             raise TypeError(f"rtunnel.{command}() got an unknown option {name!r}")
+        if name in repeatable and isinstance(value, str):
+            value = [value]  # one value, not a sequence of its characters
         setattr(args, name, value)
     return args

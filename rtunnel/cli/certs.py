@@ -52,9 +52,14 @@ def make_relay_cert(hosts: Sequence[str], out: Path, *, days: int = 825) -> list
     ca_cert, ca_key, made_ca = _load_or_make_ca(out)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
+    # Never past the CA's own expiry, which also bounds a --days that datetime cannot add.
+    not_after = ca_cert.not_valid_after_utc
+    if days < (not_after - now).days:
+        not_after = now + datetime.timedelta(days=days)
+    # X.509 bounds a common name to 64 characters (a DNS name may have 253): agents check the SAN, not this.
+    common_name = hosts[0] if len(hosts[0]) <= 64 else "rtunnel relay"
     cert = (
-        _builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]), now, not_after)
+        _builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]), now, not_after)
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .add_extension(x509.SubjectAlternativeName(names), critical=False)

@@ -17,7 +17,7 @@ import trio
 from ..config import ConfigError, client_tls_context, load_token
 from .common import admin_options, admin_server, grace_option, liveness_options, token_options
 from .configfile import TUNNEL_NAME
-from .values import count, count_positive, positive, upstream_url
+from .values import check_durations, count, count_positive, positive, upstream_url
 
 if TYPE_CHECKING:
     import ssl
@@ -138,6 +138,8 @@ def _app_options(parser: argparse.ArgumentParser) -> None:
 
 def agent_runner(args: argparse.Namespace) -> AgentRunner:
     """The agent of `dial`'s options (a bad one raises ConfigError), with its handler and admin endpoint."""
+    from protocol import MAX_STREAM_ID
+
     from ..agent.allowlist import Allowlist, AllowRuleError
     from ..agent.dialer import Agent
 
@@ -146,6 +148,10 @@ def agent_runner(args: argparse.Namespace) -> AgentRunner:
         allowlist = Allowlist.parse(args.allow)
     except AllowRuleError as exc:
         raise ConfigError(f"--allow: {exc}") from None
+    durations = ("grace", "connect_timeout", "response_timeout", "backoff_initial", "backoff_cap")
+    check_durations(args, *durations, "ping_interval", "dead_timeout")
+    if args.max_streams > MAX_STREAM_ID:  # SPEC 6: MAX_CONCURRENT_STREAMS is 31 bits, as stream ids are
+        raise ConfigError(f"--max-streams {args.max_streams}: at most {MAX_STREAM_ID}")
     token = load_token(args.token, args.token_file)
     needs_tls = any(url.startswith("wss://") for url in args.relay_urls)
     if args.ca and not needs_tls:

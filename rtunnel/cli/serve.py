@@ -22,7 +22,7 @@ from ..config import ConfigError, TokenGroup, load_tokens, parse_address, read_t
 from ..startup import connect_hints
 from .common import admin_options, admin_server, grace_option, liveness_options, token_options
 from .configfile import TUNNEL_NAME, TunnelSpec, tunnel_token_env
-from .values import count, is_token_text, shown, size
+from .values import check_durations, count, is_token_text, shown, size
 
 if TYPE_CHECKING:
     from ..ops.admin import AdminServer
@@ -193,9 +193,7 @@ def relay_runner(args: argparse.Namespace) -> RelayRunner:
     http = parse_address(args.http, "--http")
     agents = parse_address(args.agents, "--agents")
     groups = load_tokens(args.token, args.token_file)
-    for option in _NOT_NEGATIVE:
-        if getattr(args, option) < 0:
-            raise ConfigError(f"--{option.replace('_', '-')} must not be negative")
+    check_durations(args, *_NOT_NEGATIVE, "ping_interval", "dead_timeout")
     config = _relay_config(args, http, agents, groups)
     relay = Relay(config)
     secrets = [g.token for g in groups] + [t.token for t in config.tunnels if t.token is not None]

@@ -4,9 +4,21 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
-__all__ = ["count", "count_positive", "is_token_text", "positive", "shown", "size", "upstream_url"]
+from ..config import ConfigError
+
+__all__ = [
+    "check_durations",
+    "count",
+    "count_positive",
+    "is_token_text",
+    "positive",
+    "shown",
+    "size",
+    "upstream_url",
+]
 
 _SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -16,9 +28,23 @@ def positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isnan(value):  # no number of seconds (see check_durations)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
     return value
+
+
+def check_durations(args: argparse.Namespace, *options: str) -> None:
+    """Seconds options are numbers >= 0 (inf allowed). float() and TOML also take nan, which would reach trio
+    as a deadline and fail every request that uses it with a traceback; checked on the parsed options (not
+    only by the parser's types) so that the library API's keyword arguments are checked too."""
+    for option in options:
+        value = getattr(args, option)
+        if math.isnan(value):
+            raise ConfigError(f"--{option.replace('_', '-')} must be a number of seconds, not nan")
+        if value < 0:
+            raise ConfigError(f"--{option.replace('_', '-')} must not be negative")
 
 
 def count(text: str) -> int:

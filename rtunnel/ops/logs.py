@@ -32,6 +32,7 @@ __all__ = [
     "Access",
     "AccessLog",
     "JsonFormatter",
+    "TextFormatter",
     "new_request_id",
     "pick_request_id",
     "request_id_of",
@@ -49,6 +50,11 @@ REQUEST_ID_HEADER: Final = b"X-Request-Id"
 MAX_REQUEST_ID: Final = 128
 # Characters that are safe in a header, a log line and a shell: anything else is dropped.
 _UNSAFE_ID_CHARS: Final = re.compile(rb"[^A-Za-z0-9._:/+=@-]")
+
+# C0 and C1 control characters (tab aside) and Unicode's line separators. Logged values come from peers too (a
+# WebSocket close reason, a hostile relay's method in the agent's access line): raw, a line break among them
+# would end the line and start one of the peer's making. Text lines show them escaped; JSON escapes them itself.
+_CONTROL: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 # Attributes every LogRecord has: anything else on a record came from `extra=` and goes into the JSON line.
 _STANDARD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -110,6 +116,20 @@ class Access:
         return fields
 
 
+def _escaped(text: str) -> str:
+    """`text` with its control characters as Python writes them in a string ("\\n", "\\x1b")."""
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+class TextFormatter(logging.Formatter):
+    """HUMAN_FORMAT's lines, one per record: control characters escaped (a traceback after it keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _escaped(super().formatMessage(record))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, then any `extra=` fields."""
 
@@ -144,7 +164,7 @@ def setup(
     out = stream or sys.stderr
     _sink = _AccessSink(out, fmt)
     handler = _sink.handler = _Handler(out, _sink)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(HUMAN_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(HUMAN_FORMAT))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     AccessLog.enabled_by_option = access
     atexit.register(_flush_at_exit)
@@ -197,7 +217,7 @@ class _AccessSink:
                 line.setdefault(key, value)
             text = _JSON.encode(line) + "\n"
         else:
-            text = f"{self._prefix}{millis:03d} INFO    {name}: {message}\n"
+            text = f"{self._prefix}{millis:03d} INFO    {name}: {_escaped(message)}\n"
         self._lines.append(text)
         self._size += len(text)
         if self._size >= FLUSH_SIZE:

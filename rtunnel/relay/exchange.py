@@ -23,7 +23,15 @@ from ..link.mux import Multiplexer, MuxStream, StreamReset
 from ..ops.inspector import Capture
 from ..ops.logs import with_request_id
 from .outcome import ErrorReply, Result, Retry, Then
-from .pumps import CLIENT_LEFT, Attempt, Stage, pump_response_body, pump_switched, request_side
+from .pumps import (
+    CLIENT_LEFT,
+    Attempt,
+    Stage,
+    pump_response_body,
+    pump_switched,
+    request_side,
+    trailers_carried,
+)
 from .registry import NoAgentAvailable
 from .replies import reply
 from .request import Plan, unencodable
@@ -255,7 +263,8 @@ class Exchange:
         ]
         attempt.stage = Stage.HEAD_SENT
         attempt.status = head.status
-        await pump_response_body(wire, stream, attempt, pending, self._from_agent)
+        carries = trailers_carried(self._request.method, head.status, headers, wire.h11.their_http_version)
+        await pump_response_body(wire, stream, attempt, pending, self._from_agent, carries_trailers=carries)
         return Then.NEXT
 
     # -- the late watcher of a bodiless exchange ---------------------------------------------------

@@ -35,6 +35,7 @@ __all__ = [
     "Attempt",
     "Stage",
     "pump_response_body",
+    "trailers_carried",
     "pump_switched",
     "request_side",
 ]
@@ -205,8 +206,26 @@ def _judge_chunk(wire: ClientWire, received: int, size: int, limit: int | None) 
 # -- agent to client -------------------------------------------------------------------------------
 
 
+def trailers_carried(
+    method: bytes, status: int, headers: list[tuple[bytes, bytes]], client_version: bytes | None
+) -> bool:
+    """Whether the response goes out chunked, the one framing that carries trailers (h11 chunks a body of no
+    declared length to an HTTP/1.1 client). Otherwise (an HTTP/1.0 client, a Content-Length) the agent's
+    trailers are dropped, as RFC 9112 7.1.2 lets a recipient that removes the chunked coding: h11 would refuse
+    them, and the head and body still batched in the same write would never go out."""
+    if method == b"HEAD" or status in (204, 304) or client_version != b"1.1":
+        return False
+    return not any(name.lower() == b"content-length" for name, _ in headers)
+
+
 async def pump_response_body(
-    wire: ClientWire, stream: MuxStream, attempt: Attempt, pending: list[bytes | None], receive: Receive
+    wire: ClientWire,
+    stream: MuxStream,
+    attempt: Attempt,
+    pending: list[bytes | None],
+    receive: Receive,
+    *,
+    carries_trailers: bool,
 ) -> None:
     """The response body and its end, after its head (`pending`, not written yet). Whatever already arrived
     goes out in one write with the head: a small response (head, body, end in one WebSocket message) then
@@ -223,8 +242,8 @@ async def pump_response_body(
         attempt.bytes_out += len(chunk)
         held += len(chunk)
         pending.append(wire.h11.send(h11.Data(data=chunk)))
-    trailers = stream.trailers or ()
-    pending.append(wire.h11.send(h11.EndOfMessage(headers=list(trailers))))
+    trailers = list(stream.trailers or ()) if carries_trailers else []
+    pending.append(wire.h11.send(h11.EndOfMessage(headers=trailers)))
     await wire.send_bytes(pending)
 
 

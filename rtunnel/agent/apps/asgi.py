@@ -182,8 +182,10 @@ class _HttpCall:
             with self.timer.scope:
                 await self.service.app(scope, self.receive, self.send)
         except Exception as exc:
-            if isinstance(exc, ClientDisconnected) and self.disconnected:
-                log.info("%s: the client went away", what)
+            if self.disconnected:
+                # How the app learnt that its client left: our ClientDisconnected, or what its framework made
+                # of it (Starlette raises its own ClientDisconnect). No failure of the app, nor a 500 to send.
+                log.info("%s: the client went away (the app ended with %s)", what, type(exc).__name__)
                 return
             hint = " (it needs asyncio: serve it with uvicorn and --upstream)" if needs_asyncio(exc) else ""
             log.error("%s: the ASGI app raised%s", what, hint, exc_info=exc)

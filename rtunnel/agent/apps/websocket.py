@@ -116,7 +116,9 @@ class WebSocketCall:
                     with self.timer.scope:
                         await self.service.app(scope, self.receive, self.send)
                 except Exception as exc:
-                    if not (isinstance(exc, ClientDisconnected) and self.disconnected.is_set()):
+                    if self.disconnected.is_set():  # as for http (asgi.py): Starlette's WebSocketDisconnect
+                        log.info("%s: the client went away (the app ended with %s)", what, type(exc).__name__)
+                    else:
                         log.error("%s: the ASGI app raised", what, exc_info=exc)
                         await self._failed(repr(exc))
                     return

@@ -206,11 +206,15 @@ class _WsgiCall:
 
 
 class _Input:
-    """`wsgi.input`: the request body, read from the stream as the app asks for it."""
+    """`wsgi.input`: the request body, read from the stream as the app asks for it.
+
+    The buffer is one bytearray, appended to in place and consumed from the front (which CPython does without
+    moving what is left): each byte is copied once in and once out, however the app reads (a body read whole,
+    as Flask's get_data and Django's body do, or line by line)."""
 
     def __init__(self, call: _WsgiCall) -> None:
         self._call = call
-        self._buffer = b""
+        self._buffer = bytearray()
         self._eof = call.request.upgrade  # a protocol-switch request has no body (and its stream stays open)
 
     def _fill(self) -> bool:
@@ -223,6 +227,11 @@ class _Input:
         self._buffer += chunk
         return True
 
+    def _take(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
             while self._fill():
@@ -231,25 +240,22 @@ class _Input:
         # Like a file: short only at the end (some frameworks take a short read for the end of the body).
         while len(self._buffer) < size and self._fill():
             pass
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
+        return self._take(size)
 
     def read1(self, size: int = -1) -> bytes:
         """Whatever is there, up to `size`: at most one chunk from the tunnel."""
         if not self._buffer:
             self._fill()
-        size = len(self._buffer) if size < 0 else size
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
+        return self._take(len(self._buffer) if size < 0 else size)
 
     def readline(self, size: int | None = -1) -> bytes:
         limit = sys.maxsize if size is None or size < 0 else size
-        while b"\n" not in self._buffer[:limit] and len(self._buffer) < limit and self._fill():
-            pass
-        end = self._buffer.find(b"\n", 0, limit)
-        cut = min(limit, len(self._buffer)) if end < 0 else end + 1
-        line, self._buffer = self._buffer[:cut], self._buffer[cut:]
-        return line
+        searched = 0  # no newline before this offset: a long line is searched once, not once per chunk
+        while (end := self._buffer.find(b"\n", searched, limit)) < 0 and len(self._buffer) < limit:
+            searched = len(self._buffer)
+            if not self._fill():
+                break
+        return self._take(min(limit, len(self._buffer)) if end < 0 else end + 1)
 
     def readlines(self, hint: int = -1) -> list[bytes]:
         lines: list[bytes] = []
@@ -266,6 +272,11 @@ class _Input:
             yield line
 
 
+# A line written to wsgi.errors without a line break goes to the log once this long: the buffer that holds it
+# is shared by every request (and the log line would be unreadable anyway).
+MAX_ERRORS_LINE: Final = 8192
+
+
 class _Errors:
     """`wsgi.errors`: what the app writes there goes to the log, a line at a time."""
 
@@ -277,6 +288,9 @@ class _Errors:
         with self._lock:
             lines = (self._partial + text).split("\n")
             self._partial = lines.pop()
+            while len(self._partial) > MAX_ERRORS_LINE:
+                lines.append(self._partial[:MAX_ERRORS_LINE])
+                self._partial = self._partial[MAX_ERRORS_LINE:]
         for line in lines:
             log.error("wsgi.errors: %s", line)
         return len(text)

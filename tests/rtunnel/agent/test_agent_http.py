@@ -20,7 +20,7 @@ from rtunnel.agent.allowlist import Allowlist
 from rtunnel.agent.exchange import ExchangeHandler
 from rtunnel.agent.upstream import UpstreamConnection
 from rtunnel.link.mux import MuxStream, StreamReset
-from rtunnel.ops.logs import Access
+from rtunnel.ops.logs import HUMAN_FORMAT, Access, TextFormatter
 from tests.e2e.upstream import Upstream, open_upstream, payload_sha256
 from tests.ports import refused_port
 from tests.trio_helpers import wait_until
@@ -578,6 +578,20 @@ async def test_access_log_has_path_without_query(
     assert len(records) == 1
     assert records[0].startswith("POST /echo/a 200 in=5 out=")
     assert "secret" not in records[0]
+
+
+async def test_a_hostile_relays_method_cannot_forge_a_line_of_the_agents_log(
+    upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    method = b"GET\r\n2026-01-01 00:00:00,000 INFO    rtunnel.agent.access: GET /admin 200"
+    with caplog.at_level(logging.INFO, logger="rtunnel.agent.access"):
+        async with tunnel(upstream.url) as t:
+            result = await call(t.relay, method, b"/")
+    assert result.status == 400  # not a token: h11 refuses to send it upstream
+    (record,) = [r for r in caplog.records if r.name == "rtunnel.agent.access"]
+    line = TextFormatter(HUMAN_FORMAT).format(record)  # as `rtunnel dial` writes its text lines
+    assert len(line.splitlines()) == 1
+    assert "GET\\r\\n2026-01-01" in line
 
 
 @pytest.mark.parametrize(

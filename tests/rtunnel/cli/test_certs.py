@@ -83,6 +83,26 @@ async def test_an_existing_ca_is_reused_for_the_next_certificate(tmp_path: Path)
     assert stat.S_IMODE((tmp_path / "relay-key.pem").stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize(
+    ("name", "days"),
+    [
+        ("a" * 63 + "." + "b" * 63 + ".example.com", 825),  # X.509's common name has at most 64 characters
+        ("relay.example.com", 10**9),  # beyond what timedelta adds
+    ],
+    ids=["long-name", "long-validity"],
+)
+async def test_a_long_dns_name_or_validity_makes_a_certificate(tmp_path: Path, name: str, days: int) -> None:
+    # Both were tracebacks; a validity never goes past the CA's own.
+    make_relay_cert([name], tmp_path, days=days)
+    cert = x509.load_pem_x509_certificate((tmp_path / "relay.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == [name]
+    assert cert.not_valid_after_utc <= ca.not_valid_after_utc
+    assert (cert.not_valid_after_utc == ca.not_valid_after_utc) == (days > 3650)
+    await handshake(tmp_path, tmp_path / "ca.pem", name)
+
+
 def test_a_ca_whose_key_is_missing_or_foreign_is_refused(tmp_path: Path) -> None:
     make_relay_cert(["localhost"], tmp_path / "a")
     make_relay_cert(["localhost"], tmp_path / "b")

@@ -10,8 +10,11 @@ import pytest
 
 from rtunnel.cli import commands as cli
 from rtunnel.cli.configfile import parse_args
+from rtunnel.cli.dial import agent_runner
 from rtunnel.cli.parse import subparsers
+from rtunnel.cli.serve import relay_runner
 from rtunnel.cli.values import upstream_url
+from rtunnel.config import ConfigError
 
 DIAL = ["dial", "ws://relay:8443", "--upstream", "5000"]
 
@@ -136,3 +139,36 @@ def test_serve_help_shows_the_listener_defaults(capsys: pytest.CaptureFixture[st
 def test_upstream_port_or_host_port_means_http(given: str, url: str) -> None:
     assert upstream_url(given) == url
     assert parse("dial", "ws://r:1", "--upstream", given).upstream == url
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # float() and TOML take "nan", which reached trio as a deadline: a traceback and no answer per request.
+        (["serve", "--agent-wait", "nan"], "--agent-wait must be a number of seconds, not nan"),
+        (["serve", "--head-timeout", "nan"], "--head-timeout must be a number of seconds, not nan"),
+        (["serve", "--grace", "nan"], "--grace must be a number of seconds, not nan"),
+        (["serve", "--grace", "-1"], "--grace must not be negative"),
+        ([*DIAL, "--grace", "nan"], "--grace must be a number of seconds, not nan"),
+        ([*DIAL, "--grace", "-1"], "--grace must not be negative"),  # trio refused it only on SIGTERM
+    ],
+)
+def test_a_duration_that_is_nan_or_negative_is_refused(argv: list[str], message: str) -> None:
+    args = parse(*argv)
+    runner = relay_runner if argv[0] == "serve" else agent_runner
+    with pytest.raises(ConfigError) as refused:
+        runner(args)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("option", ["--ping-interval", "--dead-timeout", "--response-timeout"])
+def test_a_positive_duration_that_is_nan_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    assert "'nan' is not a number" in usage_error(capsys, *DIAL, option, "nan")
+
+
+def test_max_streams_beyond_the_protocols_range_is_refused() -> None:
+    # SPEC's MAX_CONCURRENT_STREAMS is 31 bits: a larger count was a ValueError traceback at start.
+    with pytest.raises(ConfigError, match=r"--max-streams 99999999999: at most 2147483647"):
+        agent_runner(parse(*DIAL, "--max-streams", "99999999999"))

@@ -46,7 +46,7 @@ def through_logging(fmt: str, name: str, message: str, fields: dict[str, object]
     """The line the logging module writes for the same access record (what the sink must reproduce)."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(logs.HUMAN_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logs.TextFormatter(logs.HUMAN_FORMAT))
     logger = logging.Logger(name)
     logger.addHandler(handler)
     logger.info(message, extra=fields)
@@ -137,3 +137,36 @@ async def test_flushed_within_the_interval_and_when_stopped(
         access.write("two", NONE, "note", None)
         nursery.cancel_scope.cancel()  # the process stops: what is buffered still goes out
     assert [line.split(": ", 1)[1] for line in out.getvalue().splitlines()] == ["one", "two"]
+
+
+def test_control_characters_in_a_text_line_are_escaped_so_no_line_can_be_forged(
+    restore_logging: None,
+) -> None:
+    # What peers write ends up in lines: a WebSocket close reason, a hostile relay's method in the agent's
+    # access line. Raw, a line break in it would start a line of the peer's making.
+    out = io.StringIO()
+    logs.setup("info", "text", out)
+    forged = "bye\r\n2026-01-01 00:00:00,000 WARNING rtunnel: forged\x1b[2J\x85\u2028end"
+    AccessLog("rtunnel.agent.access").write(f"{forged} / 400", NONE, "note", None)
+    logging.getLogger("rtunnel.agent").info("relay disconnected: %s", forged)
+    lines = out.getvalue().splitlines()  # str.splitlines breaks at \x85 and \u2028 too
+    assert len(lines) == 2, lines
+    escaped = "bye\\r\\n2026-01-01 00:00:00,000 WARNING rtunnel: forged\\x1b[2J\\x85\\u2028end"
+    assert lines[0].endswith(f"INFO    rtunnel.agent.access: {escaped} / 400")
+    assert lines[1].endswith(f"INFO    rtunnel.agent: relay disconnected: {escaped}")
+
+
+def test_a_traceback_keeps_its_lines_and_json_needs_no_escaping(restore_logging: None) -> None:
+    out = io.StringIO()
+    logs.setup("info", "text", out)
+    try:
+        int("boom")
+    except ValueError:
+        logging.getLogger("rtunnel").exception("failed\tbadly")
+    text = out.getvalue()
+    assert "failed\tbadly\nTraceback (most recent call last):\n" in text  # tabs are no line breaks
+    out = io.StringIO()
+    logs.setup("info", "json", out)
+    logging.getLogger("rtunnel").info("a\nb")
+    (line,) = out.getvalue().splitlines()
+    assert json.loads(line)["message"] == "a\nb"

@@ -97,6 +97,34 @@ async def test_chunked_upload_streams_through_wsgi_input_line_by_line() -> None:
     assert seen[0] == b"line 0\n" and seen[-1] == b"line 99\n"
 
 
+async def test_wsgi_input_reads_a_large_body_every_way_with_one_buffer_grown_in_place() -> None:
+    # The buffer was bytes, re-made whole for every chunk appended: reading a body whole (Flask's get_data,
+    # Django's body) took time quadratic in its size with the GIL held (64 MiB: 29 s, the agent frozen).
+    buffers: set[int] = set()
+    pieces: list[bytes] = []
+
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        stream = environ["wsgi.input"]
+        pieces.append(stream.readline(10))  # a line longer than its limit
+        pieces.append(stream.readline())
+        pieces.append(stream.read(100_000))  # across chunks
+        pieces.append(stream.read1(10))
+        buffers.add(id(stream._buffer))
+        pieces.append(stream.read())
+        buffers.add(id(stream._buffer))
+        start_response("200 OK", [])
+        return [b"%d" % sum(map(len, pieces))]
+
+    body = b"first line, longer than ten\n" + bytes(range(256)) * (3 << 12)  # 3 MiB: many chunks
+    async with open_tunnel(app) as tunnel:
+        response = await tunnel.client.post("/", content=body)
+    assert response.text == str(len(body))
+    assert b"".join(pieces) == body
+    assert pieces[:2] == [b"first line", b", longer than ten\n"]
+    assert [len(piece) for piece in pieces[2:4]] == [100_000, 10]
+    assert len(buffers) == 1  # appended to in place, never re-made
+
+
 async def test_denied_request_never_reaches_the_app() -> None:
     calls: list[str] = []
 
@@ -250,3 +278,24 @@ async def test_wsgi_errors_go_to_the_log(caplog: pytest.LogCaptureFixture) -> No
         async with open_tunnel(app) as tunnel:
             assert (await tunnel.client.get("/")).status_code == 204
     assert any(r.getMessage() == "wsgi.errors: something odd" for r in caplog.records)
+
+
+async def test_wsgi_errors_without_line_breaks_are_logged_in_bounded_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its unterminated text waited for a line break, held by one buffer that every request shares: an app
+    # writing progress dots, say, grew it without bound.
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        for _ in range(1000):
+            environ["wsgi.errors"].write("x" * 100)
+        environ["wsgi.errors"].write("end\n")
+        start_response("204 No Content", [])
+        return []
+
+    with caplog.at_level(logging.INFO):
+        async with open_tunnel(app) as tunnel:
+            assert (await tunnel.client.get("/")).status_code == 204
+    prefix = "wsgi.errors: "
+    lines = [r.getMessage()[len(prefix) :] for r in caplog.records if r.getMessage().startswith(prefix)]
+    assert "".join(lines) == "x" * 100_000 + "end"
+    assert len(lines) > 10  # in pieces of a bounded size (8 KiB), not one line once the break came
