@@ -6,7 +6,11 @@ upstream, client) whose task tree it belongs to. Under `-c1` load most of a smal
 is these passes (each is a trip through the run loop), so this is the figure to watch when changing how tasks
 hand work to each other.
 
-    .venv/bin/python bench/passes.py [--requests 2000] [--body 100] [--tls]
+    .venv/bin/python bench/passes.py [--requests 2000] [-c 1] [--body 100] [--tls] [--access-log off]
+
+The CPU time it reports (the whole process, all four ends) is a steadier A/B figure than bench/run.py's on a
+busy machine: one process on one core, so other load shifts it less. Run it from another source tree with
+--src that/tree to compare revisions.
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ import argparse
 import collections
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
 import trio
 import trio.lowlevel
-
-import rtunnel
 
 TOKEN = "passes-token"
 
@@ -161,6 +164,8 @@ def count_messages(counter: StepCounter) -> None:
 
 
 async def main(args: argparse.Namespace, counter: StepCounter) -> None:
+    import rtunnel
+
     counter.roots[trio.lowlevel.current_task()] = "client"
     counter._end_of.clear()
     serve_options: dict[str, object] = {"access_log": args.access_log}
@@ -197,16 +202,22 @@ async def main(args: argparse.Namespace, counter: StepCounter) -> None:
         await client(http_port, 200)  # warm-up: pools, caches
         await trio.sleep(0.2)
         counter.reset()
-        started = trio.current_time()
-        await client(http_port, args.requests)
-        elapsed = trio.current_time() - started
+        started, cpu = trio.current_time(), time.process_time()
+        async with trio.open_nursery() as clients:
+            for _ in range(args.concurrency):
+                clients.start_soon(client, http_port, args.requests // args.concurrency)
+        elapsed, cpu = trio.current_time() - started, time.process_time() - cpu
         steps = dict(counter.steps)
         by_task = dict(counter.by_task)
         io_waits = counter.io_waits
         messages = dict(counter.messages)
         nursery.cancel_scope.cancel()
-    n = args.requests
-    print(f"{n} requests at -c1, {elapsed / n * 1e6:.0f} us each (all four ends in one process)")
+    n = args.requests // args.concurrency * args.concurrency
+    print(f"rtunnel from {Path(rtunnel.__file__).parent}")
+    print(
+        f"{n} requests at -c{args.concurrency}: {elapsed / n * 1e6:.0f} us of wall-clock time, "
+        f"{cpu / n * 1e6:.0f} us of CPU each (all four ends in one process)"
+    )
     print(f"run-loop passes (io waits) per request: {io_waits / n:.2f}")
     for end in ("relay", "agent", "upstream", "client", "other"):
         if end in steps:
@@ -223,10 +234,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--body", type=int, default=100)
+    parser.add_argument("--concurrency", "-c", type=int, default=1, help="client connections at once")
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--access-log", default="on")
     parser.add_argument("--messages", action="store_true", help="also count WebSocket messages (slower)")
+    parser.add_argument("--src", help="import rtunnel from this source tree (default: the installed one)")
     args = parser.parse_args()
+    if args.src:
+        sys.path.insert(0, args.src)
     counter = StepCounter()
     if args.messages:
         count_messages(counter)

@@ -683,13 +683,18 @@ class Multiplexer:
     # -- helpers -----------------------------------------------------------------------------------
 
     def _wake_writer(self) -> None:
-        """Put what the core has pending on the wire. While the link is idle the calling task writes it itself
-        (_send_now): waking the writer task would cost a scheduler pass on each end of every exchange. The
-        writer task takes over whenever a write would wait, so no stream's task ever waits for the socket."""
+        """Put what the core has pending on the wire.
+
+        With one exchange on the link (requests one at a time) the calling task writes it itself (_send_now):
+        waking the writer task would cost a scheduler pass on each end of every exchange. With more, the writer
+        task sends: it runs after every task of the current batch, so the frames of many exchanges go out in
+        one message and one write (writing each exchange's frames at once doubled the writes per request and
+        shrank the peer's batches: 1.2 instead of 0.2 epoll waits per request at -c64). The writer task also
+        takes over whenever a write would wait, so no stream's task ever waits for the socket."""
         if self._writer_busy or self._writer_wakeup.is_set() or not self._conn.has_data_to_send:
             return  # the writer (or _send_now up the stack) will see it; or there is nothing to send
         direct = self._direct
-        if direct is not None and direct.can_send_nowait:
+        if direct is not None and len(self._streams) <= 1 and direct.can_send_nowait:
             self._send_now(direct)
             if not direct.send_pending and not self._conn.has_data_to_send:
                 return
