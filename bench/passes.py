@@ -137,7 +137,7 @@ def make_cert(tmp: Path) -> tuple[str, str]:
 
 def count_messages(counter: StepCounter) -> None:
     """Count WebSocket messages each end sends and receives, and what the sends carry (frame types)."""
-    from rtunnel import wslink
+    from rtunnel.link import wslink
 
     send, receive = wslink.Transport.send, wslink.Transport.receive
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import rtunnel
-from rtunnel import cli
-from rtunnel.cliparse import subparsers
+from rtunnel.cli import commands as cli
+from rtunnel.cli.parse import subparsers
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = sorted((ROOT / "deploy/systemd").glob("*.service"))
@@ -166,5 +166,8 @@ def test_shell_completion_and_its_cost() -> None:
         assert word in script, word
     assert "compdef" in run("-m", "rtunnel", "completion", "zsh")
     # Completion is generated on request only: other commands never import shtab (nor cryptography).
-    loaded = run("-c", "import sys, rtunnel.cli; rtunnel.cli.build_parser(); print(sorted(sys.modules))")
+    loaded = run(
+        "-c",
+        "import sys, rtunnel.cli.commands; rtunnel.cli.commands.build_parser(); print(sorted(sys.modules))",
+    )
     assert "'shtab'" not in loaded and "'cryptography'" not in loaded

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from protocol import Limits, Settings
-from rtunnel import cli
-from rtunnel.allowlist import DEFAULT_MAX_TARGET_LENGTH
-from rtunnel.cliparse import _size, subparsers
-from rtunnel.relay import FRAME_SIZE, STREAM_WINDOW, RelayConfig
-from rtunnel.relay_http import MAX_CHUNK_LINE, HttpLimits
-from rtunnel.wslink import MAX_MESSAGE_SIZE
+from rtunnel.cli import commands as cli
+from rtunnel.cli.parse import _size, subparsers
+from rtunnel.http.target import DEFAULT_MAX_TARGET_LENGTH
+from rtunnel.link.wslink import MAX_MESSAGE_SIZE
+from rtunnel.relay.exchange import MAX_CHUNK_LINE, HttpLimits
+from rtunnel.relay.server import FRAME_SIZE, STREAM_WINDOW, RelayConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}

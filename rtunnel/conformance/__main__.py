@@ -8,9 +8,8 @@ from collections.abc import Sequence
 
 import trio
 
-from rtunnel import transport
-from rtunnel.config import ConfigError, client_tls_context
-
+from ..config import ConfigError, client_tls_context
+from ..link import transport
 from . import relay_cases, relay_exchanges
 from .agent_cases import AgentTarget, StartFailed, run_agent_suite
 from .relay_cases import RelayTarget

@@ -19,7 +19,7 @@ import trio.lowlevel
 
 from protocol import ErrorCode, PingAcknowledged, ReplyReceived, RequestHead, encode_request_head
 
-from .. import transport
+from ..link import transport
 from .peers import (
     END_STREAM,
     GOAWAY,

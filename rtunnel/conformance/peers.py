@@ -1,5 +1,5 @@
 """Scripted peers: an agent that dials a relay, and a relay that an agent dials. Both speak rtunnel.v1 over a
-real WebSocket (rtunnel.transport), so only the protocol layer misbehaves: what a compromised or broken peer
+real WebSocket (rtunnel.link.transport), so only the protocol layer misbehaves: what a compromised or broken peer
 could send after authenticating. The conformance runner's cases and the security tests drive them.
 
 Frames are hand-written where a well-behaved `protocol.Connection` could never produce them (oversized,
@@ -48,7 +48,8 @@ from protocol import (
     encode_hello,
     encode_request_head,
 )
-from rtunnel import transport
+
+from ..link import transport
 
 __all__ = [
     "DATA",

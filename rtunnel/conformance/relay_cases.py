@@ -21,7 +21,7 @@ from protocol import (
     encode_hello,
 )
 
-from .. import transport
+from ..link import transport
 from .peers import (
     DATA,
     END_STREAM,

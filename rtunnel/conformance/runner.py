@@ -19,8 +19,7 @@ from typing import Generic, TextIO, TypeVar
 import h11
 import trio
 
-from rtunnel import transport
-
+from ..link import transport
 from .peers import Unexpected, _Transcript
 
 Target = TypeVar("Target")

@@ -15,8 +15,8 @@ import trio
 import trustme
 
 from protocol import ErrorCode
-from rtunnel import transport
 from rtunnel.conformance.peers import GOAWAY, hostile_agent, hostile_relay
+from rtunnel.link import transport
 
 from .procs import RTUNNEL_CMD, ManagedProcess, run_process, run_relay
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from rtunnel.certs import make_relay_cert
+from rtunnel.cli.certs import make_relay_cert
 
 from .procs import RTUNNEL_CMD, Agent, http_client, run_agent, run_process, run_relay
 from .upstream import Upstream

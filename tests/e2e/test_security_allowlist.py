@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from rtunnel.allowlist import NormalizedTarget, normalize_target
+from rtunnel.http.target import NormalizedTarget, normalize_target
 
 from .procs import Relay, run_agent
 from .rawhttp import open_raw

@@ -26,7 +26,7 @@ from rtunnel.conformance.peers import (
     hostile_agent,
     u32,
 )
-from rtunnel.relay import FRAME_SIZE, STREAM_WINDOW
+from rtunnel.relay.server import FRAME_SIZE, STREAM_WINDOW
 
 from .procs import Relay, http_client, run_agent, run_relay
 from .upstream import Upstream

@@ -12,8 +12,8 @@ from contextlib import AbstractAsyncContextManager
 import pytest
 
 from protocol import ErrorCode, RequestHead, StreamReset
-from rtunnel.allowlist import normalize_target
 from rtunnel.conformance.peers import DATA, END_STREAM, WINDOW_UPDATE, HostileRelay, frame, hostile_relay, u32
+from rtunnel.http.target import normalize_target
 
 from .procs import Agent, run_agent
 from .upstream import Upstream

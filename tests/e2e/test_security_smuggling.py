@@ -1,6 +1,6 @@
 """Request smuggling through the real relay and agent, over raw sockets (RFC 9112): every ambiguous framing is
 refused with 400 (or 501/505) and the client connection closed, and the upstream sees exactly the requests
-the relay saw, no more. The relay's own parser is tested case by case in tests/rtunnel/test_relay_limits.py;
+the relay saw, no more. The relay's own parser is tested case by case in tests/rtunnel/relay/test_relay_limits.py;
 here the whole path runs, and the upstream's counters are the witness.
 
 Each hostile request is followed, in the same write, by ``POST /count/smuggled``: if any hop read the

@@ -15,9 +15,9 @@ import h11
 import trio
 
 from protocol import RequestHead, Role
-from rtunnel.agent_http import ExchangeHandler
-from rtunnel.allowlist import Allowlist
-from rtunnel.mux import Multiplexer, StreamReset
+from rtunnel.agent.allowlist import Allowlist
+from rtunnel.agent.exchange import ExchangeHandler
+from rtunnel.link.mux import Multiplexer, StreamReset
 
 from .memtransport import memory_transport_pair
 

@@ -1,5 +1,5 @@
-"""An in-memory message transport pair for runtime tests: the same contract as rtunnel.transport.Transport
-(send/receive whole messages, TransportClosed at the end), without sockets.
+"""An in-memory message transport pair for runtime tests: the same contract as
+rtunnel.link.transport.Transport (send/receive whole messages, TransportClosed at the end), without sockets.
 
 Like a Transport on plain TCP it offers send_nowait (the mux then writes from the stream's own task while the
 link is idle): a message that does not fit the channel's buffer is held and written by flush, as a socket's
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import trio
 
-from rtunnel.transport import TransportClosed
+from rtunnel.link.transport import TransportClosed
 
 
 class MemoryTransport:

@@ -1,4 +1,4 @@
-"""An in-process relay HTTP side for limit, smuggling and fuzz tests: `relay_http.ClientConnection` over trio
+"""An in-process relay HTTP side for limit, smuggling and fuzz tests: `relay.exchange.ClientConnection` over trio
 memory streams, in front of a fake agent (a real `Multiplexer` pair over the in-memory transport).
 
 The fake agent records every request head and body it receives (`rig.agent.seen`): what the upstream would
@@ -25,11 +25,11 @@ import trio
 import trio.testing
 
 from protocol import RequestHead, ResponseHead, Role, Settings
-from rtunnel.clientaddr import TrustedProxies
-from rtunnel.limits import Counter
-from rtunnel.mux import Multiplexer, MuxStream
-from rtunnel.registry import AgentRegistry
-from rtunnel.relay_http import ClientConnection, HttpLimits
+from rtunnel.link.mux import Multiplexer, MuxStream
+from rtunnel.net.clientaddr import TrustedProxies
+from rtunnel.net.limits import Counter
+from rtunnel.relay.exchange import ClientConnection, HttpLimits
+from rtunnel.relay.registry import AgentRegistry
 
 from .memtransport import memory_transport_pair
 

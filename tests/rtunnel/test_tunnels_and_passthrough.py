@@ -10,9 +10,9 @@ import trio
 import trio.testing
 
 from protocol import RequestHead, ResponseHead, Role
-from rtunnel.mux import Multiplexer, MuxStream
-from rtunnel.passthrough import pump, upgrade_offer, with_upgrade
-from rtunnel.registry import NoRoute, Route, Tunnel, TunnelRouter
+from rtunnel.http.passthrough import pump, upgrade_offer, with_upgrade
+from rtunnel.link.mux import Multiplexer, MuxStream
+from rtunnel.relay.registry import NoRoute, Route, Tunnel, TunnelRouter
 
 from .memtransport import memory_transport_pair
 

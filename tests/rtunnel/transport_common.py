@@ -18,12 +18,12 @@ import trio.testing
 import trio_websocket
 import trustme
 
-from rtunnel.transport import Transport, parse_relay_url
+from rtunnel.link.transport import Transport, parse_relay_url
 
 # Every test takes the module under test from the `tr` fixture, so that a candidate replacement
 # (same names, same behaviour) can run this suite side by side with the current one; that is how
 # the move from trio-websocket to the websockets sans-IO core was checked.
-IMPLEMENTATIONS = ["rtunnel.transport"]
+IMPLEMENTATIONS = ["rtunnel.link.transport"]
 
 TOKEN = "s3cret-token"
 AUTH_HEADER = [(b"Authorization", b"Bearer " + TOKEN.encode())]
