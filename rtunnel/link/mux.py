@@ -5,7 +5,9 @@ Three tasks per connection, all in a nursery `Multiplexer.run` owns:
   awaiting, so a slow consumer can never stall the link (the buffers are bounded by the flow-control windows,
   since the core credits only what the application consumed);
 - the writer drains everything the core has pending into one WebSocket message per send (a message costs
-  far more than a frame);
+  far more than a frame). With a single exchange on the link, and a plain TCP link with nothing queued, the
+  exchange's own task writes its frames instead (see _wake_writer): a scheduler pass less on each end per
+  message. The writer takes over whatever the kernel did not take at once;
 - the heartbeat pings an idle link and declares the peer dead when nothing at all has arrived for
   `dead_timeout`, or when one send has been stuck that long. It never waits behind data: it only reads clocks.
   It also reaps stalled streams: one with data queued whose peer granted no window for `stall_timeout` is

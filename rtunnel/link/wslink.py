@@ -13,6 +13,10 @@ imports. I/O design (one link = one socket):
   own protocol level; WebSocket pings only come from third-party peers. Each one is reported to
   `on_ping` (the mux charges it to the protocol's PING budget), and a peer that pings faster than we
   can write loses the link.
+- Writing without waiting: on plain TCP, `send_nowait()` writes a whole message from the caller's own
+  task when no write is in progress; the part the kernel does not take at once is held and goes out
+  first, through `flush()` (or the next send), so frames never interleave or get cut. Through TLS every
+  write goes through the SSL object and trio's SSLStream, so it is always `send()`.
 """
 
 from __future__ import annotations
