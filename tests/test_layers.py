@@ -9,7 +9,7 @@ import protocol's public names (never its modules). From the bottom up:
     rtunnel.net          TCP-level plumbing: PROXY header, peer address, per-address limits, fast writes
     rtunnel.link         WebSocket handshakes, the established link, the multiplexer: net; never HTTP (h11)
     rtunnel.http         HTTP/1.1 rules both ends share: the multiplexer's streams (link.mux), never WebSocket
-    rtunnel.ops          logs, metrics, admin, inspector: link and net below it, never relay, agent or http
+    rtunnel.ops          logs, metrics, admin, inspector: http, link and net below it, never relay or agent
     rtunnel.relay        `serve`: http, link, net, ops; never the agent
     rtunnel.agent        `dial`: http, link, net, ops; never the relay (agent.apps builds on agent)
     rtunnel.conformance  the protocol test peers: link and config only (they must not share our ends' code)
@@ -37,7 +37,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "rtunnel.net": (),
     "rtunnel.link": ("rtunnel.net",),
     "rtunnel.http": ("rtunnel.link.mux",),
-    "rtunnel.ops": (VERSION, "rtunnel.net", "rtunnel.link", *LEAVES),
+    "rtunnel.ops": (VERSION, "rtunnel.net", "rtunnel.link", "rtunnel.http", *LEAVES),
     "rtunnel.relay": ENDS,
     "rtunnel.agent": ENDS,
     "rtunnel.agent.apps": ("rtunnel.agent", *ENDS),

@@ -31,14 +31,24 @@ import trio
 
 from protocol import ErrorCode, LocalProtocolError, RequestHead, ResponseHead
 
+from ..http.bridge import (
+    BODY_METHODS,
+    READ_SIZE,
+    bodiless,
+    end_body,
+    parse_content_length,
+    transfer_encoded,
+    without_content_length,
+)
 from ..http.passthrough import pump, upgrade_offer, with_upgrade
 from ..http.proxyheaders import Header, response_headers_for_client, strip_hop_by_hop
+from ..http.replay import IDEMPOTENT, ReplayBuffer
+from ..http.replies import phrase, plain_text
 from ..link.mux import MuxStream, StreamReset
 from ..ops.inspector import Capture, Inspector
 from ..ops.logs import Access, AccessLog, request_id_of
 from .allowlist import Allowlist
 from .upstream import (
-    READ_SIZE,
     UpstreamBroken,
     UpstreamConnectError,
     UpstreamConnection,
@@ -52,14 +62,6 @@ __all__ = ["ExchangeHandler"]
 log = logging.getLogger("rtunnel.agent")
 access_log = AccessLog("rtunnel.agent.access")
 
-# Methods whose request may be sent twice (RFC 9110 9.2.2): only these are retried on a fresh connection
-# when a kept-alive one turns out to have been closed by the upstream.
-IDEMPOTENT: Final = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
-# Methods that define a meaning for content: an empty body is sent as Content-Length: 0 (RFC 9110 8.6),
-# since some servers answer 411 to a POST without any length.
-_BODY_METHODS: Final = frozenset([b"POST", b"PUT", b"PATCH"])
-# Request body bytes kept so that a retry can resend them; a longer body makes the request not retryable.
-REPLAY_LIMIT: Final = 65536
 _MAX_REASON: Final = 255
 # The relay holds at most 64 unread interim heads per stream (mux.MAX_PENDING_REPLIES); stay below it.
 MAX_INTERIM_RESPONSES: Final = 32
@@ -76,41 +78,39 @@ _OVERRIDE_HEADERS: Final = frozenset(
     {b"x-http-method-override", b"x-http-method", b"x-method-override", b"x-original-url", b"x-rewrite-url"}
 )
 
-_REASONS: Final = {
-    400: b"Bad Request",
-    403: b"Forbidden",
-    414: b"URI Too Long",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
-
 
 class _RequestBody:
-    """The request body as read from the stream, with the first REPLAY_LIMIT bytes kept for a retry.
+    """The request body as read from the stream, with the first REPLAY_LIMIT bytes kept for a retry
+    (http/replay.py).
 
     Each attempt reads it from index 0: held chunks first, then fresh ones from the relay.
     """
 
     def __init__(self, stream: MuxStream) -> None:
         self._stream = stream
-        self._held: list[bytes] = []
-        self._held_bytes = 0
+        self._replay = ReplayBuffer()
+        self._replay.complete = stream.at_eof
         self._taken = 0  # chunks taken from the relay
-        self.replayable = True
-        self.ended = stream.at_eof
+
+    @property
+    def replayable(self) -> bool:
+        return not self._replay.overflow
+
+    @property
+    def ended(self) -> bool:
+        return self._replay.complete
 
     async def read(self, index: int) -> bytes:
-        if index < len(self._held):
-            return self._held[index]
+        held = self._replay.chunks
+        if index < len(held):
+            return held[index]
         # Only a replayable body is ever read again from index 0 (a retry requires it).
         assert index == self._taken, "request body is not replayable"
-        if self.ended:
+        if self._replay.complete:
             return b""
         chunk = await self._stream.receive_data(READ_SIZE)
         if not chunk:
-            self.ended = True
+            self._replay.complete = True
             return b""
         # The relay's body arrives in frames (16 KiB by default): what already arrived goes to the upstream in
         # one send, not one send (and one h11 event, one stall scope) per frame.
@@ -123,13 +123,7 @@ class _RequestBody:
                 size += len(more)
             chunk = b"".join(pieces)
         self._taken += 1
-        if self.replayable:
-            if self._held_bytes + len(chunk) <= REPLAY_LIMIT:
-                self._held.append(chunk)
-                self._held_bytes += len(chunk)
-            else:
-                self.replayable = False
-                self._held.clear()
+        self._replay.hold(chunk)
         return chunk
 
     @property
@@ -236,7 +230,7 @@ class _Exchange:
         """Upstream request headers, the Content-Length (None if absent) and whether the body is chunked
         by declaration; or a reason to answer 400."""
         raw = self.head.headers
-        had_te = any(name.lower() == b"transfer-encoding" for name, _ in raw)
+        had_te = transfer_encoded(raw)
         # The relay already removed hop-by-hop headers; doing it again costs nothing and means a relay bug
         # cannot smuggle Connection/Transfer-Encoding through to the upstream. Upgrade is kept (with a single
         # Connection: upgrade) only for a bodiless protocol-switch request, h2c never (http/passthrough.py).
@@ -250,16 +244,12 @@ class _Exchange:
         lengths = [value for name, value in headers if name.lower() == b"content-length"]
         content_length: int | None = None
         if had_te:
-            # Transfer-Encoding overrides Content-Length (RFC 9112 6.3); never forward both.
-            headers = [h for h in headers if h[0].lower() != b"content-length"]
+            headers = without_content_length(headers)
         elif lengths:
-            items = {item.strip(b" \t") for value in lengths for item in value.split(b",")}
-            if len(items) != 1:
-                return "conflicting Content-Length values"
-            (item,) = items
-            if not item.isdigit() or len(item) > 18:
-                return "invalid Content-Length"
-            content_length = int(item)
+            parsed = parse_content_length(lengths)
+            if isinstance(parsed, str):
+                return parsed
+            content_length = parsed
         if not self.handler.allowlist.unrestricted:
             # Compared as CGI/WSGI-style servers read names: "_" and "-" alike, any case.
             override = next(
@@ -299,7 +289,7 @@ class _Exchange:
         if has_body:
             self.chunked = True
             headers.append((b"Transfer-Encoding", b"chunked"))
-        elif self.method in _BODY_METHODS:
+        elif self.method in BODY_METHODS:
             headers.append((b"Content-Length", b"0"))
         return has_body
 
@@ -358,6 +348,7 @@ class _Exchange:
                 await self.reply_error(504, f"rtunnel agent: {att.timed_out}\n")
                 return False
             assert att.failure is not None
+            # A kept-alive connection the upstream had closed: an idempotent request goes again on a new one.
             if (
                 may_retry
                 and conn.reused
@@ -467,13 +458,13 @@ class _Exchange:
         headers = response_headers_for_client(raw)
         length: int | None = None
         if chunked:
-            # Transfer-Encoding overrides Content-Length: the relay must not frame by a stale length.
-            headers = [h for h in headers if h[0].lower() != b"content-length"]
+            # The relay must not frame by a stale length.
+            headers = without_content_length(headers)
         else:
             lengths = [value for name, value in response.headers if name == b"content-length"]
             length = int(lengths[0]) if lengths else None  # h11 validated and merged it
         status = response.status_code
-        no_body = self.method == b"HEAD" or status in (204, 304) or length == 0
+        no_body = length == 0 or bodiless(self.method, status)
         head = ResponseHead(status, response.reason[:_MAX_REASON], tuple(headers))
         # The body bytes that arrived with the head go with it: a small response is then one message.
         data, end = (b"", None) if no_body else _received_body(conn)
@@ -498,11 +489,7 @@ class _Exchange:
                     await stream.send_data(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 if not no_body:
-                    trailers = strip_hop_by_hop(event.headers.raw_items())
-                    if trailers:
-                        await stream.send_trailers(trailers)
-                    else:
-                        await stream.send_end()
+                    await end_body(stream, strip_hop_by_hop(event.headers.raw_items()))
                 self.finished = True
                 att.complete = True
                 return
@@ -534,13 +521,8 @@ class _Exchange:
     async def reply_error(self, status: int, text: str) -> None:
         """A complete response made by the agent (text/plain), e.g. 403 or 502."""
         self.reason = text.strip()
-        body = text.encode("utf-8", "backslashreplace")
-        headers = (
-            (b"Content-Type", b"text/plain; charset=utf-8"),
-            (b"Content-Length", str(len(body)).encode("ascii")),
-            (b"Cache-Control", b"no-store"),
-        )
-        head = ResponseHead(status, _REASONS.get(status, b""), headers)
+        body, headers = plain_text(text)
+        head = ResponseHead(status, phrase(status), (*headers, (b"Cache-Control", b"no-store")))
         self.status = status
         await self.stream.send_reply(head, data=b"" if self.method == b"HEAD" else body, end_stream=True)
         self.finished = True

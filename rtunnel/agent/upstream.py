@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from ..http.bridge import READ_SIZE
 from ..net import fastsend
 
 __all__ = [
-    "READ_SIZE",
     "UpstreamAddress",
     "UpstreamBroken",
     "UpstreamConnectError",
@@ -35,7 +35,6 @@ __all__ = [
 
 log = logging.getLogger("rtunnel.agent.upstream")
 
-READ_SIZE: Final = 65536
 # Largest response head we parse. The tunnel's own limit (MAX_HEAD_SIZE, 64 KiB by default) applies when the
 # head is forwarded; h11 only enforces its limit while a head is incomplete, so a head can exceed this by up
 # to one read.

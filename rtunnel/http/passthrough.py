@@ -26,11 +26,11 @@ import trio
 from protocol import ErrorCode
 
 from ..link.mux import MuxStream, StreamReset
+from .bridge import READ_SIZE
 from .proxyheaders import Header, connection_tokens, strip_hop_by_hop
 
 __all__ = [
     "HALF_CLOSE_TIMEOUT",
-    "READ_SIZE",
     "Pumped",
     "abort_socket",
     "pump",
@@ -38,7 +38,6 @@ __all__ = [
     "with_upgrade",
 ]
 
-READ_SIZE = 65536
 # Once one direction of a switched session has ended, how long the other may stay open (see pump()).
 HALF_CLOSE_TIMEOUT = 30.0
 

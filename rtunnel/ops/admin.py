@@ -16,7 +16,6 @@ it shares the process with the tunnel, so it must never cost the tunnel anything
 
 from __future__ import annotations
 
-import http
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import parse_address
+from ..http.replies import phrase
 from ..startup import listening
 from .adminauth import AdminAuth
 from .adminhttp import AdminRequest, Reply
@@ -139,8 +139,8 @@ class AdminServer:
             ]
             if reply.stream is None:
                 headers.append((b"Content-Length", str(len(reply.body)).encode()))
-            reason = http.HTTPStatus(reply.status).phrase.encode()
-            out = conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason)) or b""
+            response = h11.Response(status_code=reply.status, headers=headers, reason=phrase(reply.status))
+            out = conn.send(response) or b""
             if reply.stream is not None:  # /events, which holds one of the event-stream slots
                 try:
                     await stream.send_all(out)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Callable
-from typing import Final
 from urllib.parse import parse_qs
 
-__all__ = ["TEXT", "AdminRequest", "Reply"]
+from ..http.replies import TEXT_PLAIN
 
-TEXT: Final = b"text/plain; charset=utf-8"
+__all__ = ["AdminRequest", "Reply"]
 
 
 @dataclasses.dataclass
@@ -36,7 +35,7 @@ class AdminRequest:
 class Reply:
     status: int
     body: bytes = b""
-    content_type: bytes = TEXT
+    content_type: bytes = TEXT_PLAIN
     headers: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
     # An endless body (server-sent events): the chunks to send, until the client leaves.
     stream: Callable[[], AsyncIterator[bytes]] | None = None

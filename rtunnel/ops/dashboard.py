@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
+from ..http.replay import IDEMPOTENT
 from .adminhttp import AdminRequest, Reply
 from .inspector import Capture, Inspector
 from .logs import new_request_id
@@ -40,7 +41,6 @@ TICK: Final = 1.0
 HEARTBEAT: Final = 15.0
 MAX_ROWS: Final = 500  # rows a snapshot or an update carries at most (the page keeps as many)
 MAX_REPLAYS: Final = 4  # replays in progress at once
-IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _TYPES: Final = {
     ".html": b"text/html; charset=utf-8",
     ".js": b"text/javascript; charset=utf-8",
@@ -237,7 +237,7 @@ class Dashboard:
         if not capture.replayable:
             why = "its request body was not captured whole" if not capture.request.complete else "trailers"
             return _json(409, {"error": f"this exchange cannot be replayed: {why}"})
-        if capture.method not in IDEMPOTENT and request.query.get("confirm") != ["1"]:
+        if capture.method.encode("latin-1") not in IDEMPOTENT and request.query.get("confirm") != ["1"]:
             return _json(409, {"error": f"{capture.method} is not idempotent: confirm", "confirm": True})
         if self.nursery is None:
             return Reply(503, b"the admin endpoint is not running\n")

@@ -20,15 +20,14 @@ from typing import Any, Final
 
 import trio
 
+from ...http.bridge import READ_SIZE, bodiless
 from ...link.mux import StreamReset
 from .handler import (
-    READ_SIZE,
     AppRequest,
     BodyLength,
     ClientDisconnected,
     Exchange,
     HeadTimer,
-    bodiless,
     fail,
     send_head,
     timed_out,
@@ -240,7 +239,7 @@ class _HttpCall:
         status = int(message["status"])
         headers = [(bytes(name), bytes(value)) for name, value in message.get("headers", ())]
         self.start = {"status": status, "headers": headers}
-        self.no_body = bodiless(self.request.method, status)
+        self.no_body = bodiless(self.exchange.method, status)
         self.trailers = bool(message.get("trailers", False))
         self.length = BodyLength(headers)
         self.timer.head_sent()  # the app answered in time; its head goes out with the first body bytes

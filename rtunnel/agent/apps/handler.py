@@ -11,7 +11,6 @@ set (it replaces any a client sent: rtunnel.http.proxyheaders).
 from __future__ import annotations
 
 import dataclasses
-import http
 import ipaddress
 import logging
 import math
@@ -24,6 +23,7 @@ import trio
 from protocol import ErrorCode, LocalProtocolError, ResponseHead
 
 from ...http.proxyheaders import Header, response_headers_for_client
+from ...http.replies import phrase
 from ...link.mux import MuxStream
 from ..allowlist import Allowlist
 from ..exchange import ExchangeHandler
@@ -43,7 +43,6 @@ __all__ = [
 
 log = logging.getLogger("rtunnel.agent.app")
 
-READ_SIZE: Final = 65536
 _MAX_REASON: Final = 255
 
 
@@ -184,11 +183,9 @@ async def send_head(
     exchange: Exchange, status: int, headers: Sequence[Header], *, end_stream: bool = False
 ) -> None:
     """The app's response head to the relay (hop-by-hop headers dropped, Via added, as for an upstream's)."""
-    try:
-        reason = http.HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        reason = b""
-    head = ResponseHead(status, reason[:_MAX_REASON], tuple(response_headers_for_client(list(headers))))
+    head = ResponseHead(
+        status, phrase(status)[:_MAX_REASON], tuple(response_headers_for_client(list(headers)))
+    )
     await exchange.stream.send_reply(head, end_stream=end_stream)
     exchange.status = status
     if end_stream:
@@ -216,10 +213,6 @@ class BodyLength:
             raise ValueError(
                 f"the response body ended after {self.sent} of its Content-Length {self.declared} bytes"
             )
-
-
-def bodiless(method: str, status: int) -> bool:
-    return method == "HEAD" or status in (204, 304) or 100 <= status < 200
 
 
 async def fail(exchange: Exchange, what: str, *, head_sent: bool) -> None:

@@ -24,10 +24,10 @@ from websockets.server import ServerProtocol
 
 from protocol import ErrorCode, ResponseHead
 
+from ...http.bridge import READ_SIZE
 from ...http.proxyheaders import response_headers_for_client
 from ...link.mux import StreamReset
 from .handler import (
-    READ_SIZE,
     AppRequest,
     ClientDisconnected,
     Exchange,

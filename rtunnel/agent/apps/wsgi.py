@@ -23,16 +23,15 @@ from typing import Any, Final
 
 import trio
 
+from ...http.bridge import READ_SIZE, bodiless
 from ...http.proxyheaders import Header
 from ...link.mux import StreamReset
 from .handler import (
-    READ_SIZE,
     AppRequest,
     BodyLength,
     ClientDisconnected,
     Exchange,
     HeadTimer,
-    bodiless,
     fail,
     send_head,
     timed_out,
@@ -177,7 +176,7 @@ class _WsgiCall:
             if self.response is None:
                 raise AssertionError("the WSGI app returned a body without calling start_response()")
             status, headers = self.response
-            self.no_body = bodiless(self.request.method, status)
+            self.no_body = bodiless(self.exchange.method, status)
             only_head = self.no_body or (end and not data)
             if only_head and not self.no_body and self.length.declared is None:
                 headers = [*headers, (b"Content-Length", b"0")]
