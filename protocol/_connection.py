@@ -15,6 +15,7 @@ from ._core import (
     _END,
     _HEADER_SIZE,
     _OPEN,
+    _SIDE_CLOSED,
     _STREAM_ID,
     ConnectionState,
     Role,
@@ -23,7 +24,11 @@ from ._core import (
 from ._errors import ErrorCode, HeadNotEncodable, HeadPart, LocalProtocolError, RemoteProtocolError
 from ._receiving import _Receiving
 from ._settings import MAX_STREAM_ID
-from ._stream import Side, Stream, StreamState
+from ._state import ENDED, REPLY_ACTIONS, SENT, SENT_BY_EVENT, Misuse, Sent, SentCell, Side
+from ._stream import Stream, StreamState
+
+_SEND_DATA = SENT_BY_EVENT[Sent.DATA]
+_SEND_DATA_END = SENT_BY_EVENT[Sent.DATA_END]
 
 __all__ = ["Connection", "ConnectionState", "Role"]
 
@@ -57,7 +62,7 @@ class Connection(_Receiving):
         if not self._send_queue:
             return False
         # Streams that only wait for connection window have nothing sendable until it opens.
-        if self._conn_send_window > 0:
+        if self._conn.send_window > 0:
             return True
         return any(
             (s := self._streams.get(sid)) is not None and s.outbound_bytes == 0 for sid in self._send_queue
@@ -65,7 +70,7 @@ class Connection(_Receiving):
 
     @property
     def connection_send_window(self) -> int:
-        return self._conn_send_window
+        return self._conn.send_window
 
     def stream_state(self, stream_id: int) -> StreamState:
         stream = self._streams.get(stream_id)
@@ -78,7 +83,7 @@ class Connection(_Receiving):
         stream = self._streams.get(stream_id)
         if stream is None:
             return 0
-        return max(0, min(stream.send_window, self._conn_send_window))
+        return max(0, min(stream.send_window, self._conn.send_window))
 
     def outbound_buffered(self, stream_id: int) -> int:
         """Octets the application handed to `send_data` that are not yet framed."""
@@ -116,13 +121,9 @@ class Connection(_Receiving):
     def send_reply(self, stream_id: int, head: F.ResponseHead, *, end_stream: bool = False) -> None:
         """Queue a REPLY: any number of interim (1xx) heads, then exactly one final head."""
         stream = self._stream_for_sending(stream_id)
-        if stream.send_side is not Side.AWAITING_REPLY:
-            raise LocalProtocolError(f"stream {stream_id}: a final REPLY was already sent")
-        if head.is_interim and end_stream:
-            raise LocalProtocolError("an interim (1xx) REPLY cannot end the stream")
+        side = self._transition(stream, REPLY_ACTIONS[head.is_interim, end_stream])
         payload = self._encode_head(head)
-        if not head.is_interim:
-            stream.send_side = Side.CLOSED if end_stream else Side.OPEN
+        stream.send_side = side
         self._control.append(F.encode_frame(F.FrameType.REPLY, _END if end_stream else 0, stream_id, payload))
         self._maybe_retire(stream)
 
@@ -132,17 +133,16 @@ class Connection(_Receiving):
         """Queue stream bytes (not copied: do not mutate `data` afterwards). Never blocks on the window:
         the runtime bounds what it queues with `outbound_buffered`."""
         stream = self._stream_for_sending(stream_id)
-        if stream.send_side is not Side.OPEN:
-            raise LocalProtocolError(
-                f"stream {stream_id}: cannot send data in side state {stream.send_side.value}"
-            )
+        side = (_SEND_DATA_END if end_stream else _SEND_DATA)[stream.send_side]
+        if type(side) is not Side:
+            raise _misuse(stream, side)
         if data:
             view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
             stream.outbound.append(view)
             stream.outbound_bytes += len(view)
             self.outbound_total += len(view)
+        stream.send_side = side
         if end_stream:
-            stream.send_side = Side.CLOSED
             stream.end_pending = True
         self._enqueue(stream)
 
@@ -152,15 +152,12 @@ class Connection(_Receiving):
     def send_trailers(self, stream_id: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
         """Queue TRAILERS; they end our direction after all queued data."""
         stream = self._stream_for_sending(stream_id)
-        if stream.send_side is not Side.OPEN:
-            raise LocalProtocolError(
-                f"stream {stream_id}: cannot send trailers in side state {stream.send_side.value}"
-            )
+        side = self._transition(stream, Sent.TRAILERS)
         payload = F.encode_trailers(headers)
         if len(payload) > self._peer().max_head_size:
             raise HeadNotEncodable("trailers exceed the peer's MAX_HEAD_SIZE", HeadPart.SIZE)
         stream.trailers_pending = payload
-        stream.send_side = Side.CLOSED
+        stream.send_side = side
         stream.end_pending = True
         self._enqueue(stream)
 
@@ -193,13 +190,9 @@ class Connection(_Receiving):
                 f"stream {stream_id}: acknowledged {size} octets, only {stream.recv_unacked} unacknowledged"
             )
         stream.recv_unacked -= size
-        if stream.recv_side is not Side.CLOSED:
-            stream.recv_consumed += size
-            if stream.recv_consumed >= self._stream_update_threshold:
-                self._control.append(F.encode_window_update(stream_id, stream.recv_consumed))
-                stream.recv_window += stream.recv_consumed
-                stream.recv_consumed = 0
-        self._credit_connection(size)
+        if stream.recv not in ENDED:  # a stream's window is never credited after the peer's END_STREAM
+            self._stream_credit.consume(stream, size)
+        self._conn_credit.consume(self._conn, size)
         self._maybe_retire(stream)
 
     def ping(self, opaque: bytes) -> None:
@@ -225,6 +218,14 @@ class Connection(_Receiving):
             self._fail(error)
         return error
 
+    @staticmethod
+    def _transition(stream: Stream, action: Sent) -> Side:
+        """The send side `action` leads to (SPEC 7); LocalProtocolError, before anything changed, if none."""
+        cell = SENT[stream.send_side, action]
+        if type(cell) is not Side:
+            raise _misuse(stream, cell)
+        return cell
+
     # -- output ------------------------------------------------------------------------------------
 
     def data_to_send(self, max_bytes: int = 1 << 20) -> bytes:
@@ -248,6 +249,7 @@ class Connection(_Receiving):
         streams = self._streams
         max_frame = self._peer().max_frame_size
         append = out.append
+        conn = self._conn
         waiting = 0  # consecutive streams skipped for lack of connection window or budget
         while queue and waiting < len(queue) and budget > _HEADER_SIZE:
             stream_id = queue.popleft()
@@ -257,7 +259,7 @@ class Connection(_Receiving):
             size = stream.outbound_bytes
             if size:
                 window = stream.send_window
-                conn_window = self._conn_send_window
+                conn_window = conn.send_window
                 room = budget - _HEADER_SIZE
                 # min() of four values, spelled out: this runs once per DATA frame.
                 if window < size:
@@ -269,14 +271,10 @@ class Connection(_Receiving):
                 if room < size:
                     size = room
                 if size <= 0:
-                    if window <= 0:
-                        stream.queued = False  # a WINDOW_UPDATE for it re-queues it
-                    else:
-                        queue.append(stream_id)
-                        waiting += 1
+                    waiting += self._park(stream)
                     continue
                 stream.send_window = window - size
-                self._conn_send_window = conn_window - size
+                conn.send_window = conn_window - size
             skipped = waiting
             waiting = 0
             drained = stream.outbound_bytes == size
@@ -303,20 +301,40 @@ class Connection(_Receiving):
                 append(_pack_header(_DATA, flags, stream_id))
                 budget -= _HEADER_SIZE
             if drained and stream.trailers_pending is not None:
-                trailers = stream.trailers_pending
-                # Stay within max_bytes (data_to_send's contract): TRAILERS that do not fit wait for the
-                # next call, unless nothing at all went out yet (at least one frame per call).
-                if _HEADER_SIZE + len(trailers) <= budget or not out:
-                    append(F.encode_frame(F.FrameType.TRAILERS, _END, stream_id, trailers))
-                    budget -= _HEADER_SIZE + len(trailers)
-                    stream.trailers_pending = None
-                    stream.end_pending = False
+                if self._emit_trailers(stream, out, budget):
+                    budget -= len(out[-1])  # the TRAILERS frame
                 elif not size:
                     waiting = skipped + 1  # nothing went out for this stream: it counts as skipped
             if stream.outbound_bytes or stream.end_pending:
                 queue.append(stream_id)
             else:
                 stream.queued = False
-                if stream.send_side is Side.CLOSED:
+                if stream.send_side is _SIDE_CLOSED:
                     self._maybe_retire(stream)
         return budget
+
+    def _park(self, stream: Stream) -> int:
+        """A stream with data but no window or budget for it: 1 if it stays queued (and counts as skipped)."""
+        if stream.send_window <= 0:
+            stream.queued = False  # a WINDOW_UPDATE for it re-queues it
+            return 0
+        self._send_queue.append(stream.stream_id)
+        return 1
+
+    @staticmethod
+    def _emit_trailers(stream: Stream, out: list[bytes | memoryview], budget: int) -> bool:
+        trailers = stream.trailers_pending
+        assert trailers is not None
+        # Stay within max_bytes (data_to_send's contract): TRAILERS that do not fit wait for the next call,
+        # unless nothing at all went out yet (at least one frame per call).
+        if _HEADER_SIZE + len(trailers) > budget and out:
+            return False
+        out.append(F.encode_frame(F.FrameType.TRAILERS, _END, stream.stream_id, trailers))
+        stream.trailers_pending = None
+        stream.end_pending = False
+        return True
+
+
+def _misuse(stream: Stream, cell: SentCell) -> LocalProtocolError:
+    assert isinstance(cell, Misuse)
+    return LocalProtocolError(cell.message.format(stream_id=stream.stream_id))

@@ -11,6 +11,7 @@ import struct
 from collections import deque
 
 from . import _frames as F
+from ._credit import Credit, Windows
 from ._errors import ErrorCode, HeadNotEncodable, HeadPart, LocalProtocolError, RemoteProtocolError
 from ._events import (
     Event,
@@ -18,7 +19,8 @@ from ._events import (
     StreamReset,
 )
 from ._settings import Limits, Settings, TokenBucket
-from ._stream import Side, Stream
+from ._state import ENDED, Fail, ReceivedCell, Recv, Reset, Side
+from ._stream import Stream
 
 _HEADER_SIZE = F.FRAME_HEADER_SIZE
 _DATA = int(F.FrameType.DATA)
@@ -30,6 +32,9 @@ _HEADER_STRUCT = struct.Struct(">IBI")
 _pack_header = _HEADER_STRUCT.pack
 _unpack_header = _HEADER_STRUCT.unpack_from
 _HEAD_TYPES = frozenset(int(t) for t in F.HEAD_FRAME_TYPES)
+# Bound once: reading an enum member off its class is a descriptor call in Python 3.11, and this one is read
+# on every acknowledgement and every emptied send queue.
+_SIDE_CLOSED = Side.CLOSED
 
 
 class Role(enum.Enum):
@@ -67,12 +72,11 @@ class _ConnectionCore:
         # Streams with DATA, END_STREAM or TRAILERS waiting, in round-robin order.
         self._send_queue: deque[int] = deque()
 
-        self._conn_send_window = 0  # set from the peer's HELLO
-        self._conn_recv_window = self.local_settings.connection_window
-        self._conn_consumed = 0
-        self._conn_update_threshold = max(1, self.local_settings.connection_window // 2)
-        self._conn_low_water = min(self._conn_update_threshold, self.local_settings.max_frame_size)
-        self._stream_update_threshold = max(1, self.local_settings.initial_stream_window // 2)
+        local = self.local_settings
+        # The connection's windows (its send window is set from the peer's HELLO) and how both kinds are credited.
+        self._conn = Windows(0, send_window=0, recv_window=local.connection_window)
+        self._conn_credit = Credit(local.connection_window, self._control, refill_below=local.max_frame_size)
+        self._stream_credit = Credit(local.initial_stream_window, self._control)
 
         # The runtime compares this with what it managed to write to learn which OPENs never left (SPEC 10).
         self.highest_emitted_local_stream_id = 0
@@ -95,10 +99,27 @@ class _ConnectionCore:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _end_recv(self, stream: Stream, events: list[Event]) -> None:
-        stream.recv_side = Side.CLOSED
-        events.append(StreamEnded(stream.stream_id))
-        self._maybe_retire(stream)
+    def _advance(self, stream: Stream, recv: Recv, events: list[Event]) -> None:
+        """Move the receive side to the state its table cell named; the peer's END_STREAM is reported."""
+        if recv is not stream.recv:
+            stream.recv = recv
+            if recv in ENDED:
+                events.append(StreamEnded(stream.stream_id))
+                self._maybe_retire(stream)
+
+    def _refuse(self, stream_id: int, cell: ReceivedCell, events: list[Event]) -> None:
+        """Carry out a table cell that refuses a frame: a stream error, a connection error or a discard."""
+        if isinstance(cell, Reset):
+            self._stream_error(self._streams[stream_id], cell.code, events)
+        elif isinstance(cell, Fail):
+            message = cell.message.format(stream_id=stream_id, highest=self._highest_peer_id)
+            raise RemoteProtocolError(message, cell.code)
+
+    def _absent(self, stream_id: int) -> Recv:
+        """The receive state of a stream not in the table: idle or closed, by its id (SPEC 6)."""
+        if stream_id % 2 == self._peer_parity:
+            return Recv.CLOSED_PEER if stream_id <= self._highest_peer_id else Recv.IDLE_PEER
+        return Recv.CLOSED_OWN if stream_id < self._next_local_id else Recv.IDLE_OWN
 
     def _stream_error(self, stream: Stream, code: ErrorCode, events: list[Event]) -> None:
         self._control.append(F.encode_reset(stream.stream_id, code))
@@ -115,7 +136,7 @@ class _ConnectionCore:
         stream.end_pending = False
         stream.trailers_pending = None
         if stream.recv_unacked:
-            self._credit_connection(stream.recv_unacked)
+            self._conn_credit.consume(self._conn, stream.recv_unacked)
             stream.recv_unacked = 0
 
     def _deactivate(self, stream: Stream) -> None:
@@ -127,26 +148,13 @@ class _ConnectionCore:
                 self._peer_active -= 1
 
     def _maybe_retire(self, stream: Stream) -> None:
-        if stream.send_side is not Side.CLOSED or stream.end_pending:
+        if stream.send_side is not _SIDE_CLOSED or stream.end_pending:
             return
-        if stream.recv_side is not Side.CLOSED:
+        if stream.recv not in ENDED:
             return
         self._deactivate(stream)
         if stream.recv_unacked == 0:
             self._streams.pop(stream.stream_id, None)
-
-    def _credit_connection(self, size: int) -> None:
-        self._conn_consumed += size
-        # Batch credit to half the window, except when the peer is nearly out of window: a stalled stream may
-        # hold most of it, and then what its siblings consumed is all the peer can ever get back. Waiting for
-        # less than one frame of window left keeps that exception batched too (no WINDOW_UPDATE per read).
-        threshold = self._conn_update_threshold
-        if self._conn_consumed >= threshold or (
-            self._conn_consumed and self._conn_recv_window < self._conn_low_water
-        ):
-            self._control.append(F.encode_window_update(0, self._conn_consumed))
-            self._conn_recv_window += self._conn_consumed
-            self._conn_consumed = 0
 
     def _enqueue(self, stream: Stream) -> None:
         if not stream.queued:

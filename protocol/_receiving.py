@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import _frames as F
 from ._core import (
     _DATA,
@@ -12,6 +14,7 @@ from ._core import (
     _ConnectionCore,
     _unpack_header,
 )
+from ._credit import Credit
 from ._errors import ErrorCode, RemoteProtocolError
 from ._events import (
     DataReceived,
@@ -26,8 +29,13 @@ from ._events import (
     TrailersReceived,
     WindowUpdated,
 )
-from ._settings import MAX_WINDOW, Settings
-from ._stream import Side, Stream, StreamState
+from ._settings import Settings
+from ._state import RECEIVED, RECEIVED_BY_EVENT, REPLY_EVENTS, Received, Recv
+from ._stream import Stream, StreamState
+
+_E = Received
+_DATA_CELLS = RECEIVED_BY_EVENT[Received.DATA]
+_DATA_END_CELLS = RECEIVED_BY_EVENT[Received.DATA_END]
 
 
 class _Receiving(_ConnectionCore):
@@ -132,33 +140,16 @@ class _Receiving(_ConnectionCore):
                 raise RemoteProtocolError("the first frame must be HELLO")
             self._on_hello(stream_id, payload, events)
             return
-        try:
-            kind = F.FrameType(frame_type)
-        except ValueError:
+        handler = _HANDLERS.get(frame_type)
+        if handler is None:
             return  # unknown types are skipped (SPEC 3)
+        kind = F.FrameType(frame_type)
         if kind in F.CONNECTION_FRAME_TYPES:
             if stream_id != 0:
                 raise RemoteProtocolError(f"{kind.name} on stream {stream_id}; it belongs to stream 0")
         elif kind in F.STREAM_FRAME_TYPES and stream_id == 0:
             raise RemoteProtocolError(f"{kind.name} on stream 0")
-        if kind is F.FrameType.HELLO:
-            raise RemoteProtocolError("a second HELLO")
-        if kind is F.FrameType.DATA:
-            self._on_data(stream_id, flags, payload, events, now)
-        elif kind is F.FrameType.OPEN:
-            self._on_open(stream_id, flags, payload, events, now)
-        elif kind is F.FrameType.REPLY:
-            self._on_reply(stream_id, flags, payload, events)
-        elif kind is F.FrameType.TRAILERS:
-            self._on_trailers(stream_id, flags, payload, events)
-        elif kind is F.FrameType.WINDOW_UPDATE:
-            self._on_window_update(stream_id, payload, events, now)
-        elif kind is F.FrameType.RESET:
-            self._on_reset(stream_id, payload, events, now)
-        elif kind is F.FrameType.PING:
-            self._on_ping(flags, payload, events, now)
-        else:
-            self._on_goaway(payload, events)
+        handler(self, stream_id, flags, payload, events, now)
 
     def _on_hello(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
         if stream_id != 0:
@@ -171,16 +162,12 @@ class _Receiving(_ConnectionCore):
         except ValueError as exc:
             raise RemoteProtocolError(f"bad HELLO: {exc}") from None
         self.peer_settings = peer
-        self._conn_send_window = peer.connection_window
+        self._conn.send_window = peer.connection_window
         self.state = ConnectionState.OPEN
         events.append(HandshakeComplete(peer))
 
-    def _lookup(self, stream_id: int) -> Stream | None:
-        """The live stream, or None if it is closed; an idle id is a connection error (SPEC 6)."""
-        stream = self._streams.get(stream_id)
-        if stream is None and not self._is_used_id(stream_id):
-            raise RemoteProtocolError(f"frame on idle stream {stream_id}")
-        return stream
+    def _on_second_hello(self, *_: object) -> None:
+        raise RemoteProtocolError("a second HELLO")
 
     def _on_data(
         self, stream_id: int, flags: int, payload: memoryview, events: list[Event], now: float
@@ -188,45 +175,43 @@ class _Receiving(_ConnectionCore):
         if stream_id == 0:
             raise RemoteProtocolError("DATA on stream 0")
         size = len(payload)
-        if size > self._conn_recv_window:
+        conn = self._conn
+        if not self._conn_credit.receive(conn, size):
             raise RemoteProtocolError("DATA exceeds the connection window", ErrorCode.FLOW_CONTROL_ERROR)
-        self._conn_recv_window -= size
-        if self._conn_consumed and self._conn_recv_window < self._conn_low_water:
-            self._credit_connection(0)  # consumed earlier, held back for batching; the peer needs it now
         end = flags & _END
         if not size and not end and not self._empty_bucket.take(now):
             raise RemoteProtocolError("too many empty DATA frames", ErrorCode.ENHANCE_YOUR_CALM)
+        cells = _DATA_END_CELLS if end else _DATA_CELLS
         stream = self._streams.get(stream_id)
         if stream is None:
-            self._lookup(stream_id)  # raises if the id is idle
-            self._credit_connection(size)  # crossed a RESET: discard, but give the window back
+            # Crossed a RESET (or idle, which fails): discard, but give the connection window back (SPEC 6).
+            self._refuse(stream_id, cells[self._absent(stream_id)], events)
+            self._conn_credit.consume(conn, size)
             return
-        side = stream.recv_side
-        if side is not Side.OPEN:
-            self._credit_connection(size)
-            code = ErrorCode.STREAM_CLOSED if side is Side.CLOSED else ErrorCode.PROTOCOL_ERROR
-            self._stream_error(stream, code, events)
+        recv = cells[stream.recv]
+        if type(recv) is not Recv:
+            self._conn_credit.consume(conn, size)
+            self._refuse(stream_id, recv, events)
             return
-        if size > stream.recv_window:
-            self._credit_connection(size)
+        if not self._stream_credit.receive(stream, size):
+            self._conn_credit.consume(conn, size)
             self._stream_error(stream, ErrorCode.FLOW_CONTROL_ERROR, events)
             return
         if size:
-            stream.recv_window -= size
             stream.recv_unacked += size
             events.append(DataReceived(stream_id, payload))
-        if end:
-            self._end_recv(stream, events)
+        if recv is not stream.recv:
+            self._advance(stream, recv, events)
 
     def _on_open(
         self, stream_id: int, flags: int, payload: memoryview, events: list[Event], now: float
     ) -> None:
-        if stream_id % 2 != self._peer_parity:
-            raise RemoteProtocolError(f"OPEN of stream {stream_id}, which has our parity")
-        if stream_id <= self._highest_peer_id:
-            raise RemoteProtocolError(
-                f"OPEN of stream {stream_id} after stream {self._highest_peer_id}: ids must increase"
-            )
+        stream = self._streams.get(stream_id)
+        before = self._absent(stream_id) if stream is None else stream.recv
+        recv = RECEIVED[before, _E.OPEN_END if flags & _END else _E.OPEN]
+        if type(recv) is not Recv:
+            self._refuse(stream_id, recv, events)  # every refused OPEN is a connection error (SPEC 6)
+            return
         self._highest_peer_id = stream_id
         local = self.local_settings
         if self._goaway_sent or self._peer_active >= local.max_concurrent_streams:
@@ -250,94 +235,93 @@ class _Receiving(_ConnectionCore):
         self._streams[stream_id] = stream
         self._peer_active += 1
         events.append(StreamOpened(stream_id, head))
-        if flags & _END:
-            self._end_recv(stream, events)
+        self._advance(stream, recv, events)
 
-    def _on_reply(self, stream_id: int, flags: int, payload: memoryview, events: list[Event]) -> None:
-        stream = self._lookup(stream_id)
-        if stream is None:
-            return
-        if not stream.local_initiated or stream.recv_side is Side.OPEN:
-            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
-            return
-        if stream.recv_side is Side.CLOSED:
-            self._stream_error(stream, ErrorCode.STREAM_CLOSED, events)
-            return
+    def _live(self, stream_id: int, event: Received, events: list[Event]) -> tuple[Stream, Recv] | None:
+        """Look the frame's cell up; return the stream and its next receive state if the cell accepts it,
+        else carry out the refusal and return None."""
+        stream = self._streams.get(stream_id)
+        cell = RECEIVED[self._absent(stream_id) if stream is None else stream.recv, event]
+        if stream is None or type(cell) is not Recv:
+            self._refuse(stream_id, cell, events)
+            return None
+        return stream, cell
+
+    def _on_head(self, stream_id: int, event: Received, head: Event | None, events: list[Event]) -> None:
+        """A REPLY or TRAILERS: report its head (None: it did not parse) if the table accepts the frame."""
+        accepted = self._live(stream_id, event, events)
+        if accepted is not None and head is not None:
+            events.append(head)
+            self._advance(*accepted, events)
+
+    def _on_reply(
+        self, stream_id: int, flags: int, payload: memoryview, events: list[Event], now: float
+    ) -> None:
         try:
             head = F.decode_response_head(payload)
         except F.HeadDecodeError:
-            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
+            self._on_head(stream_id, _E.REPLY_MALFORMED, None, events)
             return
-        end = flags & _END
-        if head.is_interim:
-            if end:
-                self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
-                return
-        else:
-            stream.recv_side = Side.OPEN
-        events.append(ReplyReceived(stream_id, head))
-        if end:
-            self._end_recv(stream, events)
+        event = REPLY_EVENTS[head.is_interim, bool(flags & _END)]
+        self._on_head(stream_id, event, ReplyReceived(stream_id, head), events)
 
-    def _on_trailers(self, stream_id: int, flags: int, payload: memoryview, events: list[Event]) -> None:
-        stream = self._lookup(stream_id)
-        if stream is None:
-            return
-        if stream.recv_side is not Side.OPEN:
-            code = ErrorCode.STREAM_CLOSED if stream.recv_side is Side.CLOSED else ErrorCode.PROTOCOL_ERROR
-            self._stream_error(stream, code, events)
-            return
+    def _on_trailers(
+        self, stream_id: int, flags: int, payload: memoryview, events: list[Event], now: float
+    ) -> None:
         if not flags & _END:
-            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
+            self._on_head(stream_id, _E.TRAILERS, None, events)  # SPEC 4.5: TRAILERS must end the stream
             return
         try:
             headers = F.decode_trailers(payload)
         except F.HeadDecodeError:
-            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
+            self._on_head(stream_id, _E.TRAILERS_MALFORMED, None, events)
             return
-        events.append(TrailersReceived(stream_id, headers))
-        self._end_recv(stream, events)
+        self._on_head(stream_id, _E.TRAILERS_END, TrailersReceived(stream_id, headers), events)
 
-    def _on_window_update(self, stream_id: int, payload: memoryview, events: list[Event], now: float) -> None:
+    def _on_window_update(
+        self, stream_id: int, flags: int, payload: memoryview, events: list[Event], now: float
+    ) -> None:
         increment = F.decode_u32(payload, "WINDOW_UPDATE") & 0x7FFFFFFF
         if not self._window_bucket.take(now):
             raise RemoteProtocolError("WINDOW_UPDATE flood", ErrorCode.ENHANCE_YOUR_CALM)
         if stream_id == 0:
-            if increment == 0:
-                raise RemoteProtocolError("WINDOW_UPDATE of 0 on the connection")
-            if self._conn_send_window + increment > MAX_WINDOW:
-                raise RemoteProtocolError(
-                    "connection window pushed above 2^31-1", ErrorCode.FLOW_CONTROL_ERROR
-                )
-            self._conn_send_window += increment
+            error = Credit.grant(self._conn, increment)
+            if error is not None:
+                raise RemoteProtocolError(_CONNECTION_GRANT_ERRORS[error], error)
             events.append(WindowUpdated(0, increment))
             return
-        stream = self._lookup(stream_id)
-        if stream is None:
+        accepted = self._live(stream_id, _E.WINDOW_UPDATE, events)
+        if accepted is None:
             return
-        if increment == 0:
-            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
+        stream = accepted[0]
+        error = Credit.grant(stream, increment)
+        if error is not None:
+            self._stream_error(stream, error, events)
             return
-        if stream.send_window + increment > MAX_WINDOW:
-            self._stream_error(stream, ErrorCode.FLOW_CONTROL_ERROR, events)
-            return
-        stream.send_window += increment
         if stream.has_pending_output:
             self._enqueue(stream)
         events.append(WindowUpdated(stream_id, increment))
 
-    def _on_reset(self, stream_id: int, payload: memoryview, events: list[Event], now: float) -> None:
+    def _on_reset(
+        self, stream_id: int, flags: int, payload: memoryview, events: list[Event], now: float
+    ) -> None:
         code = ErrorCode.from_wire(F.decode_u32(payload, "RESET"))
         if not self._reset_bucket.take(now):
             raise RemoteProtocolError("RESET flood", ErrorCode.ENHANCE_YOUR_CALM)
-        stream = self._lookup(stream_id)
-        if stream is None or stream.state() is StreamState.CLOSED:
-            # Both END_STREAMs crossed already: the exchange is complete and its data stays deliverable.
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.state() is StreamState.CLOSED:
+            # SPEC 7: both END_STREAMs crossed, so the exchange is complete and its data stays deliverable.
+            stream = None
+        cell = RECEIVED[self._absent(stream_id) if stream is None else stream.recv, _E.RESET]
+        if stream is None or type(cell) is not Recv:
+            self._refuse(stream_id, cell, events)
             return
         self._drop(stream)
         events.append(StreamReset(stream_id, code, remote=True))
 
-    def _on_ping(self, flags: int, payload: memoryview, events: list[Event], now: float) -> None:
+    def _on_ping(
+        self, stream_id: int, flags: int, payload: memoryview, events: list[Event], now: float
+    ) -> None:
         if len(payload) != 8:
             raise RemoteProtocolError(
                 f"PING payload must be 8 octets, got {len(payload)}", ErrorCode.FRAME_SIZE_ERROR
@@ -351,7 +335,9 @@ class _Receiving(_ConnectionCore):
         self._control.append(F.encode_ping(opaque, ack=True))
         events.append(PingReceived(opaque))
 
-    def _on_goaway(self, payload: memoryview, events: list[Event]) -> None:
+    def _on_goaway(
+        self, stream_id: int, flags: int, payload: memoryview, events: list[Event], now: float
+    ) -> None:
         last_stream_id, code, debug = F.decode_goaway(payload)
         previous = self._goaway_received_last
         if previous is not None and last_stream_id > previous:
@@ -362,3 +348,22 @@ class _Receiving(_ConnectionCore):
         for stream in refused:
             self._drop(stream)
             events.append(StreamReset(stream.stream_id, ErrorCode.REFUSED_STREAM, remote=True))
+
+
+_Handler = Callable[[_Receiving, int, int, memoryview, list[Event], float], None]
+# Frame type -> its rules, once the connection is open (SPEC 4).
+_HANDLERS: dict[int, _Handler] = {
+    F.FrameType.HELLO: _Receiving._on_second_hello,
+    F.FrameType.OPEN: _Receiving._on_open,
+    F.FrameType.REPLY: _Receiving._on_reply,
+    F.FrameType.DATA: _Receiving._on_data,
+    F.FrameType.TRAILERS: _Receiving._on_trailers,
+    F.FrameType.WINDOW_UPDATE: _Receiving._on_window_update,
+    F.FrameType.RESET: _Receiving._on_reset,
+    F.FrameType.PING: _Receiving._on_ping,
+    F.FrameType.GOAWAY: _Receiving._on_goaway,
+}
+_CONNECTION_GRANT_ERRORS = {
+    ErrorCode.PROTOCOL_ERROR: "WINDOW_UPDATE of 0 on the connection",
+    ErrorCode.FLOW_CONTROL_ERROR: "connection window pushed above 2^31-1",
+}

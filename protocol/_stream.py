@@ -1,8 +1,8 @@
 """Per-stream state (SPEC.md section 7).
 
-Each stream has two sides: ours (what we send) and the peer's (what we receive). A side is AWAITING_REPLY
-(responder's side before the final REPLY), OPEN, or CLOSED (END_STREAM sent or received). RESET removes the
-stream outright, so there is no "reset" side state: a stream absent from the table is closed.
+Each stream has two sides: ours (what we send, a `Side`) and the peer's (what we receive, a `Recv`); the
+transitions between their states are the tables in _state.py. RESET removes the stream outright, so there is
+no "reset" state: a stream absent from the table is closed (or idle), which its id tells.
 """
 
 from __future__ import annotations
@@ -10,11 +10,8 @@ from __future__ import annotations
 import enum
 from collections import deque
 
-
-class Side(enum.Enum):
-    AWAITING_REPLY = "awaiting-reply"
-    OPEN = "open"
-    CLOSED = "closed"
+from ._credit import Windows
+from ._state import ENDED, Recv, Side
 
 
 class StreamState(enum.Enum):
@@ -27,7 +24,7 @@ class StreamState(enum.Enum):
     CLOSED = "closed"
 
 
-class Stream:
+class Stream(Windows):
     __slots__ = (
         "active",
         "end_pending",
@@ -35,29 +32,21 @@ class Stream:
         "outbound",
         "outbound_bytes",
         "queued",
-        "recv_consumed",
-        "recv_side",
+        "recv",
         "recv_unacked",
-        "recv_window",
         "send_side",
-        "send_window",
-        "stream_id",
         "trailers_pending",
     )
 
     def __init__(self, stream_id: int, *, local_initiated: bool, send_window: int, recv_window: int) -> None:
-        self.stream_id = stream_id
+        super().__init__(stream_id, send_window=send_window, recv_window=recv_window)
         self.local_initiated = local_initiated
         # The initiator's side carries the request (already OPEN once the OPEN frame exists); the responder's
         # side must start with a final REPLY.
         self.send_side = Side.OPEN if local_initiated else Side.AWAITING_REPLY
-        self.recv_side = Side.AWAITING_REPLY if local_initiated else Side.OPEN
-        self.send_window = send_window
-        self.recv_window = recv_window
+        self.recv = Recv.AWAITING_REPLY if local_initiated else Recv.REQUEST
         # Received, delivered, not yet acknowledged by the application: still counted against both windows.
         self.recv_unacked = 0
-        # Acknowledged but not yet credited back by a WINDOW_UPDATE (we batch to half a window).
-        self.recv_consumed = 0
         self.outbound: deque[memoryview] = deque()
         self.outbound_bytes = 0
         self.end_pending = False
@@ -90,7 +79,7 @@ class Stream:
 
     def state(self) -> StreamState:
         send_closed = self.send_side is Side.CLOSED and not self.end_pending
-        recv_closed = self.recv_side is Side.CLOSED
+        recv_closed = self.recv in ENDED
         if send_closed and recv_closed:
             return StreamState.CLOSED
         if send_closed:

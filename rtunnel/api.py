@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from .cli.commands import Listening
+from .cli.serve import Listening
 from .config import ConfigError
 
 __all__ = ["ConfigError", "Listening", "dial", "serve"]
@@ -37,10 +37,10 @@ async def serve(
     """Run a relay (`rtunnel serve`): HTTP clients on `http`, agents on `agents`, until cancelled.
 
     `nursery.start` returns a `Listening` with the addresses bound (for ports given as 0)."""
-    from .cli.commands import _serve_runner
+    from .cli.serve import relay_runner
 
     args = _namespace("serve", [], dict(http=http, agents=agents, token=token, **options))
-    await _serve_runner(args)(task_status=task_status)
+    await relay_runner(args)(task_status=task_status)
 
 
 async def dial(
@@ -55,17 +55,17 @@ async def dial(
 ) -> None:
     """Run an agent (`rtunnel dial`) until cancelled: requests to `upstream` ("http://host:port") or to `app`
     (a WSGI or ASGI app object, or "MODULE:ATTR"), only those `allow` permits ("METHOD PATH" rules)."""
-    from .cli.commands import _dial_runner
+    from .cli.dial import agent_runner
 
     urls = [relay_urls] if isinstance(relay_urls, str) else list(relay_urls)
     values = dict(upstream=upstream, app=app, token=token, allow=list(allow), **options)
     args = _namespace("dial", urls, values)
-    await _dial_runner(args)(task_status=task_status)
+    await agent_runner(args)(task_status=task_status)
 
 
 def _namespace(command: str, positional: list[str], values: dict[str, Any]) -> argparse.Namespace:
     """The command line's defaults for `command`, with `values` (option names as keyword names) set."""
-    from .cli.commands import build_parser
+    from .cli.parse import build_parser
 
     args = build_parser().parse_args([command, *positional])
     args.config_file, args.config_keys = None, {}

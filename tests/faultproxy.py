@@ -41,12 +41,14 @@ from __future__ import annotations
 import math
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Final, Literal
 
 import trio
+
+from .trio_helpers import unwrap_single
 
 __all__ = ["FaultProxy", "ProxyStats", "open_fault_proxy"]
 
@@ -315,18 +317,6 @@ class FaultProxy:
                         await self._wait_change(len(piece) / rate)
 
 
-@contextmanager
-def _unwrap_single() -> Iterator[None]:
-    """Re-raise a lone exception out of the group that a trio nursery wraps it in, so that callers catch
-    what the ``async with`` body raised (``pytest.raises``, ``except``) as if no nursery were involved."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-
-
 async def _drain(stream: trio.SocketStream) -> None:
     try:
         while await stream.receive_some(CHUNK):
@@ -344,7 +334,7 @@ async def open_fault_proxy(
     bound = listeners[0].socket.getsockname()[1]
     proxy = FaultProxy(target_host, target_port, host, bound)
     try:
-        with _unwrap_single():
+        with unwrap_single():
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
                     nursery.start_soon(proxy._accept_loop, listener, nursery)

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from .faultproxy import TICK, FaultProxy, open_fault_proxy
+from .ports import refused_port, reserved_port
 
 WAIT = 15.0
 QUIET = 0.3  # how long "nothing arrives" is watched
@@ -58,7 +59,7 @@ async def _echo(server: EchoServer, stream: trio.SocketStream) -> None:
 
 
 @asynccontextmanager
-async def echo_and_proxy() -> AsyncIterator[tuple[EchoServer, FaultProxy]]:
+async def echo_and_proxy(port: int = 0) -> AsyncIterator[tuple[EchoServer, FaultProxy]]:
     async with trio.open_nursery() as nursery:
         server = EchoServer(0)
 
@@ -67,7 +68,7 @@ async def echo_and_proxy() -> AsyncIterator[tuple[EchoServer, FaultProxy]]:
 
         listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
         server.port = listeners[0].socket.getsockname()[1]
-        async with open_fault_proxy("127.0.0.1", server.port) as proxy:
+        async with open_fault_proxy("127.0.0.1", server.port, port=port) as proxy:
             yield server, proxy
         nursery.cancel_scope.cancel()
 
@@ -269,32 +270,21 @@ async def test_reject_new_resets_new_connections_only() -> None:
 
 
 async def test_target_down_resets_client_and_wait_accepted() -> None:
-    # Bind and close a port so that nothing listens on it.
-    sock = trio.socket.socket()
-    await sock.bind(("127.0.0.1", 0))
-    dead_port = sock.getsockname()[1]
-    sock.close()
-    async with open_fault_proxy("127.0.0.1", dead_port) as proxy:
-        stream = await connect(proxy)
-        await proxy.wait_accepted(1)
-        with trio.fail_after(WAIT), pytest.raises(trio.BrokenResourceError):
-            await stream.receive_some(10)
-        await stream.aclose()
+    with refused_port() as dead_port, trio.fail_after(WAIT):
+        async with open_fault_proxy("127.0.0.1", dead_port) as proxy:
+            stream = await connect(proxy)
+            await proxy.wait_accepted(1)
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.receive_some(10)
+            await stream.aclose()
 
 
 async def test_restart_on_same_port() -> None:
-    async with echo_and_proxy() as (server, proxy):
-        port = proxy.port
-    async with trio.open_nursery() as nursery:
-
-        async def handler(stream: trio.SocketStream) -> None:
-            await _echo(server, stream)
-
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        target = listeners[0].socket.getsockname()[1]
-        async with open_fault_proxy("127.0.0.1", target, port=port) as again:
+    with reserved_port() as port:
+        async with echo_and_proxy(port) as (_, proxy):
+            assert proxy.port == port
+        async with echo_and_proxy(port) as (_, again):
             assert again.port == port
             stream = await connect(again)
             assert (await roundtrip(stream, b"back"))[0] == b"back"
             await stream.aclose()
-        nursery.cancel_scope.cancel()

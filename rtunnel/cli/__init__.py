@@ -1,5 +1,7 @@
-"""The command line: parsing (with the config file), the commands that start a relay or an agent, and the
-`cert` and `demo` tools. `main` is the `rtunnel` console script."""
+"""The command line. `main` (commands.py) is the `rtunnel` console script: it parses (parse.py, with the
+config file: configfile.py), then runs what serve.py or dial.py built from their options (the same runners
+rtunnel.serve and rtunnel.dial run), or a tool: `cert`/`token` (certs.py), `demo` (demo.py). common.py holds
+the option groups several commands share, values.py the option value types."""
 
 from .commands import main
 

@@ -37,6 +37,7 @@ __all__ = [
     "describe_error",
     "option_keys",
     "parse_args",
+    "subparsers",
     "tunnel_token_env",
 ]
 
@@ -86,7 +87,8 @@ class _Option:
     default: Any
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands' parsers, by name ({} for a parser without subcommands)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
@@ -102,7 +104,7 @@ def _key_of(action: argparse.Action) -> str:
 def option_keys(parser: argparse.ArgumentParser, command: str) -> dict[str, _Option]:
     """Every key a file for `command` may hold (top-level options and the command's own), by key."""
     options: dict[str, _Option] = {}
-    for owner in (parser, _subparsers(parser)[command]):
+    for owner in (parser, subparsers(parser)[command]):
         for action in owner._actions:
             if isinstance(action, argparse._SubParsersAction) or action.dest in _NOT_KEYS:
                 continue
@@ -293,7 +295,7 @@ class _BailAction(argparse.Action):
 
 def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
     yield parser
-    yield from _subparsers(parser).values()
+    yield from subparsers(parser).values()
 
 
 def _explicit(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | None:
@@ -351,13 +353,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 def _apply_file(
     parser: argparse.ArgumentParser, command: str, path: str, explicit: set[str]
 ) -> tuple[tuple[TunnelSpec, ...], dict[str, str]]:
-    if "config" not in {action.dest for action in _subparsers(parser)[command]._actions}:
+    if "config" not in {action.dest for action in subparsers(parser)[command]._actions}:
         raise ConfigFileError(f"--config applies to `rtunnel serve` and `rtunnel dial`, not {command}")
     file = _File(path)
     options = option_keys(parser, command)
     data = file.load()
     other_keys = {
-        key: name for name in _subparsers(parser) if name != command for key in _subkeys(parser, name)
+        key: name for name in subparsers(parser) if name != command for key in _subkeys(parser, name)
     }
     tunnels: tuple[TunnelSpec, ...] = ()
     values: dict[str, object] = {}
@@ -398,7 +400,7 @@ def _apply_file(
 
 
 def _subkeys(parser: argparse.ArgumentParser, command: str) -> list[str]:
-    sub = _subparsers(parser)[command]
+    sub = subparsers(parser)[command]
     return [_key_of(a) for a in sub._actions if a.dest not in _NOT_KEYS and a.dest != argparse.SUPPRESS]
 
 

@@ -11,21 +11,18 @@ Fixture teardown runs in reverse order: client, agent (SIGTERM, exit 0), relay (
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from .procs import Agent, Relay, http_client, run_agent, run_relay
+from .procs import Agent, Relay, http_client, new_token, run_agent, run_relay
 from .upstream import Upstream, open_upstream
 
 
 @pytest.fixture
 def token() -> str:
-    # A fixed prefix: a bare token_urlsafe starts with "-" one time in 64, and argparse then reads
-    # "--token -xyz" as a missing value (exit 2), which made e2e tests fail at random.
-    return "tok-" + secrets.token_urlsafe(16)
+    return new_token()
 
 
 @pytest.fixture

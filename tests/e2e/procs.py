@@ -3,9 +3,12 @@
     async with run_relay(token) as relay:                    # waits for "listening http=... agents=..."
         async with run_agent(relay.agents_url, upstream.url, token=token, allow=["GET /api/*"]) as agent:
             ...                                               # waited for "connected to"
+
+    with relay_ports() as ports:                              # two ports kept ours for the whole block
+        async with run_relay(token, **ports) as relay, run_agent(relay.agents_url, ...) as agent:
             mark = agent.mark()
             relay.kill()                                      # SIGKILL; its exit code is no longer checked
-            async with run_relay(token, **relay.bind_args()) as relay2:   # same ports
+            async with run_relay(token, **ports) as relay2:   # the same ports: nobody took them meanwhile
                 await agent.wait_for_line("connected to", since=mark)
 
 On leaving the block: SIGTERM, wait up to STOP_TIMEOUT, then SIGKILL; the exit code must be
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -36,8 +40,12 @@ from typing import Any, Final, TypedDict, TypeVar
 import httpx
 import trio
 
+from ..ports import reserved_port
+from ..trio_helpers import unwrap_single
+
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "REFUSED_TOKEN_RE",
     "REPO_ROOT",
     "RTUNNEL_CMD",
     "STOP_TIMEOUT",
@@ -47,6 +55,8 @@ __all__ = [
     "Relay",
     "UpstreamProcess",
     "http_client",
+    "new_token",
+    "relay_ports",
     "run_agent",
     "run_process",
     "run_relay",
@@ -56,10 +66,13 @@ __all__ = [
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 RTUNNEL_CMD: Final[tuple[str, ...]] = (sys.executable, "-m", "rtunnel")
-UPSTREAM_SCRIPT: Final = Path(__file__).resolve().with_name("upstream.py")
+UPSTREAM_MODULE: Final = "tests.e2e.upstream"
 DEFAULT_TIMEOUT: Final = 15.0
 STOP_TIMEOUT: Final = 10.0
 LISTENING_RE: Final = re.compile(r"listening http=(\S+):(\d+) agents=(\S+):(\d+)")
+# An agent's line for a relay that refused its token. Never wait for a bare "401": a line logged at
+# hh:mm:ss,401 matches it.
+REFUSED_TOKEN_RE: Final = re.compile(r"refused the connection \(401 ")
 _ECHO: Final = os.environ.get("RTUNNEL_E2E_ECHO") == "1"
 
 
@@ -223,6 +236,14 @@ class BindArgs(TypedDict):
     agents: str
 
 
+@contextmanager
+def relay_ports() -> Iterator[BindArgs]:
+    """``run_relay(token, **ports)`` as often as needed in the block: always on the same two ports, which no
+    other process can be given between a relay's exit and the next one's start (see ports.reserved_port)."""
+    with reserved_port() as http, reserved_port() as agents:
+        yield {"http": f"127.0.0.1:{http}", "agents": f"127.0.0.1:{agents}"}
+
+
 class Relay(ManagedProcess):
     """``rtunnel serve``. The addresses are known once its ``listening`` line was seen."""
 
@@ -239,13 +260,6 @@ class Relay(ManagedProcess):
     @property
     def agents_url(self) -> str:
         return f"{'wss' if self.tls else 'ws'}://{_url_host(self.agents_host)}:{self.agents_port}"
-
-    def bind_args(self) -> BindArgs:
-        """``run_relay(token, **relay.bind_args())`` restarts on the very same ports."""
-        return {
-            "http": f"{_url_host(self.http_host)}:{self.http_port}",
-            "agents": f"{_url_host(self.agents_host)}:{self.agents_port}",
-        }
 
     async def wait_listening(self, *, since: int = 0, timeout: float = DEFAULT_TIMEOUT) -> None:
         match = await self.wait_for_line(LISTENING_RE, since=since, timeout=timeout)
@@ -270,23 +284,17 @@ class UpstreamProcess(ManagedProcess):
         return f"http://127.0.0.1:{self.port}"
 
 
+def new_token() -> str:
+    """A fresh agent token. The fixed prefix matters: a bare token_urlsafe starts with "-" one time in 64, and
+    argparse then reads "--token -xyz" as a missing value (exit 2), which made e2e tests fail at random."""
+    return "tok-" + secrets.token_urlsafe(16)
+
+
 def http_client(base_url: str = "", **kwargs: Any) -> httpx.AsyncClient:
     """An httpx client for tests: proxies from the environment ignored, a timeout so nothing hangs."""
     kwargs.setdefault("timeout", DEFAULT_TIMEOUT)
     kwargs.setdefault("trust_env", False)
     return httpx.AsyncClient(base_url=base_url, **kwargs)
-
-
-@contextmanager
-def _unwrap_single() -> Iterator[None]:
-    """Re-raise a lone exception out of the group that a trio nursery wraps it in, so that callers catch
-    what the ``async with`` body raised (``pytest.raises``, ``except``) as if no nursery were involved."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
 
 
 async def wait_counts(
@@ -357,7 +365,7 @@ async def run_process(
     assert proc.stdout is not None and proc.stderr is not None
     stop_error: ProcessFailed | None = None
     try:
-        with _unwrap_single():
+        with unwrap_single():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(managed._drain, proc.stderr, managed.stderr_lines, "err")
                 nursery.start_soon(managed._drain, proc.stdout, managed.stdout_lines, "out")
@@ -462,8 +470,10 @@ async def run_agent(
 async def run_upstream_process(
     port: int = 0, *, timeout: float = DEFAULT_TIMEOUT
 ) -> AsyncIterator[UpstreamProcess]:
-    """``python tests/e2e/upstream.py --port PORT``; ``.port``/``.url`` once READY. Restart on ``port=old.port``."""
-    args = [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port)]
+    """``python -m tests.e2e.upstream --port PORT``; ``.port``/``.url`` once READY.
+
+    To restart it on the same port, pass a port from ``ports.reserved_port()`` held around both runs."""
+    args = [sys.executable, "-m", UPSTREAM_MODULE, "--port", str(port)]
     async with run_process(UpstreamProcess, "upstream", args) as upstream:
         match = await upstream.wait_for_line(re.compile(r"^READY (\d+)$"), stream="stdout", timeout=timeout)
         upstream.port = int(match.group(1))

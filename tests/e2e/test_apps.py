@@ -47,7 +47,9 @@ def big_digest(blocks: int) -> str:
 
 async def test_flask_app_in_the_agent(relay: Relay, token: str) -> None:
     allow = ["GET /hello", "POST /sha", "GET /forever", "GET /raise", "GET /hang"]
-    options = [arg for rule in allow for arg in ("--allow", rule)] + ["--response-timeout", "1"]
+    # /hang sleeps 3 s, so it is past a 2 s --response-timeout whatever the load; every other route has 2 s
+    # from its last body read to its head, a margin a loaded machine needs more than 1 s would leave.
+    options = [arg for rule in allow for arg in ("--allow", rule)] + ["--response-timeout", "2"]
     async with (
         run_app_agent(relay, "flask_app:app", token=token, extra_args=options) as agent,
         http_client(relay.http_url) as client,

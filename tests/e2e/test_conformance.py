@@ -107,8 +107,9 @@ async def test_sigterm_sends_goaway_then_close_1001(token: str) -> None:
 
 
 async def test_a_draining_relay_turns_new_agents_away_with_1001(token: str) -> None:
-    # A client exchange held open keeps the relay draining while a new agent tries to connect.
-    async with run_relay(token, extra_args=["--grace", "5"]) as relay:
+    # A client exchange held open keeps the relay draining while a new agent tries to connect. --agent-wait 0:
+    # once the first agent is gone, the exchange (resent, as a GET) ends in a 503 at once, not after 5 s.
+    async with run_relay(token, extra_args=["--grace", "5", "--agent-wait", "0"]) as relay:
         async with hostile_agent(relay.agents_url, token) as first:
             await relay.wait_for_line("agent connected")
             host, port = relay.http_url.removeprefix("http://").rsplit(":", 1)

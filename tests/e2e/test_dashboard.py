@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import signal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,18 +15,23 @@ import httpx
 import pytest
 import trio
 
-from .procs import REPO_ROOT, RTUNNEL_CMD, Agent, ManagedProcess, Relay, http_client, run_agent, run_relay
+from .procs import (
+    REPO_ROOT,
+    RTUNNEL_CMD,
+    Agent,
+    ManagedProcess,
+    Relay,
+    http_client,
+    new_token,
+    run_agent,
+    run_relay,
+)
 from .upstream import Upstream
 
 pytestmark = pytest.mark.e2e
 
 ADMIN_RE = re.compile(r"admin listening on (http://\S+?:\d+)")
 ADMIN_TOKEN = "adm-" + "x" * 20
-
-
-@pytest.fixture
-def token() -> str:
-    return "tok-" + secrets.token_hex(8)
 
 
 async def admin_url(proc: ManagedProcess) -> str:
@@ -405,7 +409,7 @@ async def test_a_session_cookie_behind_a_tls_proxy_is_secure(token: str) -> None
 
 
 async def test_a_token_added_on_sighup_is_redacted_too(upstream: Upstream, tmp_path: Path) -> None:
-    first, added = "tok-" + secrets.token_hex(8), "tok-" + secrets.token_hex(8)
+    first, added = new_token(), new_token()
     token_file = tmp_path / "tokens"
     token_file.write_text(f"{first}\n")
     args = ("--token-file", str(token_file), "--admin", "127.0.0.1:0", "--inspect", "5")

@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 
+from ..trio_helpers import wait_until
 from .procs import http_client, run_agent, run_relay
 from .rawhttp import RawClient
 from .test_resilience import note
@@ -131,9 +132,7 @@ async def test_a_wrong_token_flood_from_one_address_does_not_delay_an_agent_from
         port = int(relay.agents_url.rsplit(":", 1)[1])
         baseline = await agent_handshake_latencies(port, token)
         async with wrong_token_flood(port) as statuses:
-            with trio.fail_after(15):
-                while sum(statuses.values()) < 200:  # noqa: ASYNC110  (the flood is under way)
-                    await trio.sleep(0.05)
+            await wait_until(lambda: sum(statuses.values()) >= 200, within=15, interval=0.05)  # under way
             during = await agent_handshake_latencies(port, token)
             # A real agent from another address connects and serves, flood or not.
             async with (

@@ -1,7 +1,7 @@
 """Two relays behind HAProxy (TCP mode), one agent dialing both: losing a relay loses no request.
 
-This is the deployment README describes: relays share no state, so clients reach them through an ordinary TCP
-load balancer, and every agent keeps one connection to each relay (`rtunnel dial URL1 URL2`).
+This is the deployment docs/operations.md describes: relays share no state, so clients reach them through an
+ordinary TCP load balancer, and every agent keeps one connection to each relay (`rtunnel dial URL1 URL2`).
 
 HAProxy comes from the distribution's packages (.ci/run installs it). Outside CI (env CI unset) the test is
 skipped when the binary is absent; in CI it must run.
@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -47,21 +46,9 @@ if HAPROXY is None and not os.environ.get("CI"):
     )
 
 
-@pytest.fixture
-def token() -> str:
-    return "t" + secrets.token_urlsafe(16)
-
-
-def haproxy_config(front: int, backends: list[int]) -> str:
-    # `front` is the number of an inherited file descriptor: the test binds the port and HAProxy listens.
-    # TCP mode: HAProxy knows nothing of HTTP, as with any L4 balancer. A dead relay refuses connections:
-    # `retries` + `redispatch` send such a connection to the other relay, and the health checks take the
-    # dead one out of the rotation shortly after.
-    servers = "\n".join(
-        f"    server relay{i} 127.0.0.1:{port} check inter 200ms fall 1 rise 1"
-        for i, port in enumerate(backends, 1)
-    )
-    return f"""\
+# HAProxy in TCP mode, as any L4 balancer: it knows nothing of HTTP. `front` is the number of an inherited file
+# descriptor: the test binds the port and HAProxy listens on it.
+TCP_CONFIG = """\
 global
     maxconn 512
 
@@ -70,17 +57,25 @@ defaults
     timeout connect 2s
     timeout client 30s
     timeout server 30s
-    retries 3
-    option redispatch 1
-
+{defaults}
 frontend tunnel_http
     bind fd@{front}
     default_backend relays
 
 backend relays
-    balance roundrobin
-{servers}
+{backend}
 """
+
+
+def haproxy_config(front: int, backends: list[int]) -> str:
+    # A dead relay refuses connections: `retries` + `redispatch` send such a connection to the other relay,
+    # and the health checks take the dead one out of the rotation shortly after.
+    servers = "\n".join(
+        f"    server relay{i} 127.0.0.1:{port} check inter 200ms fall 1 rise 1"
+        for i, port in enumerate(backends, 1)
+    )
+    defaults = "    retries 3\n    option redispatch 1\n"
+    return TCP_CONFIG.format(front=front, defaults=defaults, backend=f"    balance roundrobin\n{servers}")
 
 
 @asynccontextmanager
@@ -167,26 +162,11 @@ async def test_two_relays_behind_haproxy_survive_the_loss_of_one(
 
 
 def haproxy_proxy_protocol_config(front: int, relay_port: int, send: str) -> str:
-    # `front`: an inherited, bound socket's file descriptor, as in haproxy_config.
     # The PROXY header is HAProxy's way to tell an L4 backend who the client is (`send-proxy` v1 text,
-    # `send-proxy-v2` binary), the same as README's "several relays" configuration.
-    return f"""\
-global
-    maxconn 512
-
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-
-frontend tunnel_http
-    bind fd@{front}
-    default_backend relays
-
-backend relays
-    server relay1 127.0.0.1:{relay_port} {send} check inter 100ms
-"""
+    # `send-proxy-v2` binary), the same as the configuration in docs/operations.md ("The client's address
+    # behind the balancer").
+    server = f"    server relay1 127.0.0.1:{relay_port} {send} check inter 100ms"
+    return TCP_CONFIG.format(front=front, defaults="", backend=server)
 
 
 @pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
@@ -204,19 +184,19 @@ async def test_behind_haproxy_with_the_proxy_protocol_each_client_is_itself(
             config, lambda fd: haproxy_proxy_protocol_config(fd, relay.http_port, send)
         ) as front:
             await wait_accepting(front)
-            async with (
-                raw_from("127.0.0.2", front) as first,
-                raw_from("127.0.0.2", front) as second,
-                raw_from("127.0.0.2", front) as third,
-                raw_from("127.0.0.1", front) as other,
-            ):
+            # Each connection is opened just before its request: opened earlier, it could meet the 2 s
+            # --head-timeout while the others' exchanges cross a loaded machine.
+            async with AsyncExitStack() as stack:
                 # Two exchanges in progress from 127.0.0.2 through the balancer ...
-                for conn, key in ((first, b"a"), (second, b"b")):
+                for key in (b"a", b"b"):
+                    conn = await stack.enter_async_context(raw_from("127.0.0.2", front))
                     await conn.send(b"GET /hold/" + key + b" HTTP/1.1\r\nHost: a\r\n\r\n")
                     await conn.read_until(b"held\n")
                 # ... so its third is over its limit, while 127.0.0.1, through the same balancer, is not.
+                third = await stack.enter_async_context(raw_from("127.0.0.2", front))
                 await third.send(b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n")
                 assert (await third.response()).status == 429
+                other = await stack.enter_async_context(raw_from("127.0.0.1", front))
                 await other.send(b"GET /echo/other HTTP/1.1\r\nHost: a\r\n\r\n")
                 echoed = await other.response()
                 assert echoed.status == 200

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +14,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..ports import refused_port
 from .procs import (
     DEFAULT_TIMEOUT,
     REPO_ROOT,
@@ -30,12 +29,6 @@ from .procs import (
 from .upstream import Upstream
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def token() -> str:
-    """conftest's token can start with '-' (1 in 64), which argparse then reads as an option: "--token -x"."""
-    return "t" + secrets.token_urlsafe(16)
 
 
 ADMIN_RE = re.compile(r"admin listening on (http://\S+?:\d+)")
@@ -274,10 +267,7 @@ async def test_status_command_lists_agents_and_exchanges_in_flight(upstream: Ups
 
 
 async def test_status_command_fails_clearly_when_unreachable() -> None:
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with trio.fail_after(DEFAULT_TIMEOUT):
+    with refused_port() as port, trio.fail_after(DEFAULT_TIMEOUT):
         result = await rtunnel_status(f"http://127.0.0.1:{port}")
     assert result.returncode == 1
     assert result.stdout == b""

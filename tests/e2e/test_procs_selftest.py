@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from .procs import ProcessFailed, run_agent, run_relay
+from .procs import ProcessFailed, relay_ports, run_agent, run_relay
 
 FAKE = (sys.executable, str(Path(__file__).with_name("fake_rtunnel.py")))
 
@@ -68,12 +68,16 @@ async def test_wait_for_line_timeout_and_since() -> None:
 
 
 async def test_kill_skips_exit_code_and_restart_on_same_ports() -> None:
-    async with run_relay(command=FAKE) as relay:
-        ports = relay.bind_args()
-        relay.kill()
-        assert await relay.wait_exit() == -signal.SIGKILL
-        async with run_relay(command=FAKE, **ports) as again:
-            assert (again.http_port, again.agents_port) == (relay.http_port, relay.agents_port)
+    with relay_ports() as ports:
+        async with run_relay(command=FAKE, **ports) as relay:
+            assert ports == {
+                "http": f"127.0.0.1:{relay.http_port}",
+                "agents": f"127.0.0.1:{relay.agents_port}",
+            }
+            relay.kill()
+            assert await relay.wait_exit() == -signal.SIGKILL
+            async with run_relay(command=FAKE, **ports) as again:
+                assert (again.http_port, again.agents_port) == (relay.http_port, relay.agents_port)
 
 
 async def test_sigterm_ignored_falls_back_to_sigkill() -> None:

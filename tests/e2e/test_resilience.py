@@ -7,9 +7,9 @@ failures they provoke are noticed in seconds. Nothing asserts a duration: each w
 
 from __future__ import annotations
 
+import functools
 import random
 import re
-import secrets
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from ..faultproxy import open_fault_proxy
-from .procs import Agent, Relay, http_client, run_agent, run_relay, wait_counts
+from .procs import Agent, Relay, http_client, relay_ports, run_agent, run_relay, wait_counts
 from .upstream import Upstream, payload
 
 pytestmark = pytest.mark.e2e
@@ -36,12 +36,6 @@ AGENT_ARGS = [
 ]  # fmt: skip
 REQUEST_TIMEOUT = 30.0  # no request of these tests may take longer: past it, it counts as hung
 BUDGET = 20.0  # generous bound for a process to notice something
-
-
-@pytest.fixture
-def token() -> str:
-    # conftest's token_urlsafe() can start with "-", which argparse then takes for an option.
-    return "t" + secrets.token_urlsafe(16)
 
 
 def note(what: str) -> None:
@@ -153,6 +147,29 @@ async def run_load(
     return results
 
 
+@asynccontextmanager
+async def load_until_done(base_url: str, *, seed: int, prefix: str) -> AsyncIterator[Results]:
+    """Requests from 30 workers for as long as the block runs; the results go on growing meanwhile."""
+    stop = trio.Event()
+    results = Results()
+    load = functools.partial(
+        run_load,
+        base_url,
+        requests=100_000,
+        concurrency=30,
+        seed=seed,
+        prefix=prefix,
+        results=results,
+        stop=stop,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(load)
+        try:
+            yield results
+        finally:
+            stop.set()  # also when the block fails: the workers finish their requests in flight, then end
+
+
 def assert_sound(results: Results, upstream: Upstream) -> None:
     """What must hold whatever the faults: no wrong bytes, no hang, no POST applied twice."""
     assert not results.wrong, results.wrong[:10]
@@ -187,6 +204,16 @@ async def tunnel_through_proxy(
         run_agent(f"ws://127.0.0.1:{proxy.port}", upstream.url, token=token, extra_args=agent_args) as agent,
     ):
         yield relay, agent, proxy
+
+
+@asynccontextmanager
+async def two_agents(upstream: Upstream, token: str) -> AsyncIterator[tuple[Relay, Agent, Agent]]:
+    async with (
+        run_relay(token, extra_args=RELAY_ARGS) as relay,
+        run_agent(relay.agents_url, upstream.url, token=token, extra_args=AGENT_ARGS) as first,
+        run_agent(relay.agents_url, upstream.url, token=token, extra_args=AGENT_ARGS) as second,
+    ):
+        yield relay, first, second
 
 
 async def timed(what: str, wait: Callable[[], object]) -> float:
@@ -285,21 +312,23 @@ async def test_blackhole_mid_transfer_is_noticed_by_both_sides_and_the_tunnel_co
 async def test_relay_killed_and_restarted_agent_is_back_within_the_backoff(
     upstream: Upstream, token: str
 ) -> None:
-    async with (
-        run_relay(token, extra_args=RELAY_ARGS) as relay,
-        run_agent(relay.agents_url, upstream.url, token=token, extra_args=AGENT_ARGS) as agent,
-    ):
-        mark = agent.mark()
-        relay.kill()
-        await relay.wait_exit()
-        await agent.wait_for_line("connection lost", since=mark)
-        # The agent keeps failing while the relay is away (refused), each failure logged with the next delay.
-        await agent.wait_for_line(re.compile(r"connection refused; next attempt in \d+\.\d s"), since=mark)
-        async with run_relay(token, **relay.bind_args(), extra_args=RELAY_ARGS) as again:
-            # Backoff cap 0.5 s: back within the cap plus a connect, far inside this budget.
-            await timed("agent back after the relay restarted", lambda: agent.wait_connected(since=mark))
-            async with http_client(again.http_url) as client:
-                assert (await client.get("/after-restart")).status_code == 200
+    with relay_ports() as ports:
+        async with (
+            run_relay(token, **ports, extra_args=RELAY_ARGS) as relay,
+            run_agent(relay.agents_url, upstream.url, token=token, extra_args=AGENT_ARGS) as agent,
+        ):
+            mark = agent.mark()
+            relay.kill()
+            await relay.wait_exit()
+            await agent.wait_for_line("connection lost", since=mark)
+            # The agent keeps failing while the relay is away (refused), each failure logged with the delay.
+            refused = re.compile(r"connection refused; next attempt in \d+\.\d s")
+            await agent.wait_for_line(refused, since=mark)
+            async with run_relay(token, **ports, extra_args=RELAY_ARGS) as again:
+                # Backoff cap 0.5 s: back within the cap plus a connect, far inside this budget.
+                await timed("agent back after the relay restarted", lambda: agent.wait_connected(since=mark))
+                async with http_client(again.http_url) as client:
+                    assert (await client.get("/after-restart")).status_code == 200
 
 
 async def test_agent_killed_and_replaced_serves_at_once(upstream: Upstream, token: str) -> None:
@@ -366,25 +395,12 @@ async def test_2000_requests_while_the_link_is_cut_at_random_moments(upstream: U
 async def test_sigterm_on_an_agent_under_load_with_a_second_agent_fails_nothing(
     upstream: Upstream, token: str
 ) -> None:
-    async with (
-        run_relay(token, extra_args=RELAY_ARGS) as relay,
-        run_agent(relay.agents_url, upstream.url, token=token, extra_args=AGENT_ARGS) as first,
-        run_agent(relay.agents_url, upstream.url, token=token, extra_args=AGENT_ARGS) as second,
-    ):
-        stop = trio.Event()
-        results = Results()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                lambda: run_load(
-                    relay.http_url, requests=100_000, concurrency=30, seed=3, prefix="drain", results=results,
-                    stop=stop,
-                )
-            )  # fmt: skip
+    async with two_agents(upstream, token) as (relay, first, second):
+        async with load_until_done(relay.http_url, seed=3, prefix="drain") as results:
             await results.wait_total(200)
             first.send_signal(signal.SIGTERM)
             assert await first.wait_exit(timeout=BUDGET) == 0
             await results.wait_total(results.total + 200)  # the load goes on, on the second agent alone
-            stop.set()
         served = agent_access_count(first), agent_access_count(second)
         note(f"{results.summary()}; served by the agents: {served}")
         assert min(served) > 0
@@ -397,29 +413,16 @@ async def test_sigterm_on_an_agent_under_load_with_a_second_agent_fails_nothing(
 async def test_two_agents_share_the_load_and_losing_one_loses_nothing_it_had_not_received(
     upstream: Upstream, token: str
 ) -> None:
-    async with (
-        run_relay(token, extra_args=RELAY_ARGS) as relay,
-        run_agent(relay.agents_url, upstream.url, token=token, extra_args=AGENT_ARGS) as first,
-        run_agent(relay.agents_url, upstream.url, token=token, extra_args=AGENT_ARGS) as second,
-    ):
+    async with two_agents(upstream, token) as (relay, first, second):
         spread = await run_load(relay.http_url, requests=300, concurrency=30, seed=5, prefix="spread")
         assert spread.ok == 300, spread.summary()
         counts = tuple(await wait_counts([first, second], AGENT_ACCESS, 300))
         note(f"300 requests spread over two agents: {counts}")
         assert min(counts) > 0 and sum(counts) == 300
-        stop = trio.Event()
-        results = Results()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                lambda: run_load(
-                    relay.http_url, requests=100_000, concurrency=30, seed=6, prefix="kill", results=results,
-                    stop=stop,
-                )
-            )  # fmt: skip
+        async with load_until_done(relay.http_url, seed=6, prefix="kill") as results:
             await results.wait_total(150)
             first.kill()
             await results.wait_total(results.total + 200)
-            stop.set()
         note(f"{results.summary()} (first agent killed -9 under load)")
         assert_sound(results, upstream)
         # GETs are resent; a POST fails only if the dead agent may have processed it (a clear 502), and

@@ -8,14 +8,14 @@ from __future__ import annotations
 import base64
 import os
 import re
-import secrets
 import signal
 from pathlib import Path
 
 import pytest
 import trio
 
-from .procs import RTUNNEL_CMD, http_client, run_agent, run_relay
+from ..ports import connect_from
+from .procs import REFUSED_TOKEN_RE, RTUNNEL_CMD, http_client, new_token, run_agent, run_relay
 from .upstream import Upstream
 
 pytestmark = pytest.mark.e2e
@@ -23,26 +23,15 @@ pytestmark = pytest.mark.e2e
 DEBUG_CMD = (*RTUNNEL_CMD, "--log-level", "debug")
 
 
-def new_token() -> str:
-    return secrets.token_hex(16)  # never starts with "-" (argparse would take it for an option)
-
-
 async def upgrade_status(port: int, token: str, *, source: str = "127.0.0.1") -> int:
     """One raw WebSocket upgrade to the relay's agent port from `source`; the HTTP status it got."""
-    sock = trio.socket.socket()
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except OSError as exc:
-        sock.close()
-        pytest.skip(f"cannot connect from {source}: {exc}")
     key = base64.b64encode(os.urandom(16))
     request = (
         b"GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n"
         b"Sec-WebSocket-Protocol: rtunnel.v1\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n"
     )
-    async with trio.SocketStream(sock) as stream:
+    async with await connect_from(source, port) as stream:
         await stream.send_all(request)
         data = b""
         with trio.fail_after(10):
@@ -85,7 +74,7 @@ async def test_token_file_groups_and_revocation_on_sighup(upstream: Upstream, tm
         ) as bad,
         http_client(relay.http_url) as c,
     ):
-        await bad.wait_for_line("401")
+        await bad.wait_for_line(REFUSED_TOKEN_RE)
         assert relay.count_lines("agent connected") == 2
         for i in range(4):
             assert (await c.get(f"/before/{i}")).status_code == 200
@@ -96,7 +85,7 @@ async def test_token_file_groups_and_revocation_on_sighup(upstream: Upstream, tm
         await relay.wait_for_line("tokens reloaded")
         await relay.wait_for_line(re.compile(r"token 'green' was revoked"))
         await green.wait_for_line("connection lost", since=mark)
-        await green.wait_for_line("401", since=mark)  # its next attempt is refused
+        await green.wait_for_line(REFUSED_TOKEN_RE, since=mark)  # its next attempt is refused
         # "blue" was never interrupted and serves everything now.
         for i in range(4):
             assert (await c.get(f"/after/{i}")).status_code == 200

@@ -28,6 +28,7 @@ from rtunnel.conformance.peers import (
 )
 from rtunnel.relay.server import FRAME_SIZE, STREAM_WINDOW
 
+from ..trio_helpers import wait_until
 from .procs import Relay, http_client, run_agent, run_relay
 from .upstream import Upstream
 
@@ -88,9 +89,7 @@ async def rig(upstream: Upstream, token: str) -> AsyncIterator[Rig]:
         yield Rig(relay, client, token, upstream, nursery)
         # The exchange in progress through the honest agent survived every attack.
         await client.post("/release/long")
-        with trio.fail_after(15):
-            while not done:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        await wait_until(lambda: done, within=15)
         assert b"".join(done) == b"released\n"
 
 
@@ -147,9 +146,7 @@ async def test_reset_flood_is_enhance_your_calm_and_the_request_is_retried(
             assert await bad.goaway_code() is ErrorCode.ENHANCE_YOUR_CALM
         await t.wait_disconnect("ENHANCE_YOUR_CALM", since=mark)
         # The hostile agent cancelled the GET before answering: the relay sent it to the honest agent.
-        with trio.fail_after(15):
-            while not result:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        await wait_until(lambda: result, within=15)
         assert (result[0].status_code, result[0].text) == (200, "/victim")
         await t.honest_still_serves("c")
 
@@ -175,9 +172,7 @@ async def test_lying_about_windows(upstream: Upstream, token: str) -> None:
             await bad.send(frame(REPLY, 0, sid, reply), *too_much)
             reset = await bad.wait_for(RESET)
             assert (reset.stream_id, reset.error_code) == (sid, ErrorCode.FLOW_CONTROL_ERROR)
-            with trio.fail_after(15):
-                while not result:  # noqa: ASYNC110
-                    await trio.sleep(0.01)
+            await wait_until(lambda: result, within=15)
             assert not isinstance(result[0], httpx.Response) or result[0].status_code != 200
             # 2. A WINDOW_UPDATE past 2^31-1 on the connection: connection error FLOW_CONTROL_ERROR.
             mark = t.relay.mark()
@@ -197,9 +192,7 @@ async def test_lying_about_windows(upstream: Upstream, token: str) -> None:
             opened = await bad.wait_for(OPEN)
             reset = await bad.wait_for(RESET)  # wait_for answers the relay's pings meanwhile
             assert (reset.stream_id, reset.error_code) == (opened.stream_id, ErrorCode.CANCEL)
-            with trio.fail_after(15):
-                while not posted:  # noqa: ASYNC110
-                    await trio.sleep(0.01)
+            await wait_until(lambda: posted, within=15)
             assert posted[0].status_code == 502  # a POST that may have been processed is never resent
         await t.relay.wait_for_line("granted no window", since=mark)
         await t.honest_still_serves("d")

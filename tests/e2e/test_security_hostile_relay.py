@@ -7,12 +7,22 @@ so whatever reaches the upstream got past the agent alone.
 
 from __future__ import annotations
 
+import signal
 from contextlib import AbstractAsyncContextManager
 
 import pytest
 
 from protocol import ErrorCode, RequestHead, StreamReset
-from rtunnel.conformance.peers import DATA, END_STREAM, WINDOW_UPDATE, HostileRelay, frame, hostile_relay, u32
+from rtunnel.conformance.peers import (
+    DATA,
+    END_STREAM,
+    WINDOW_UPDATE,
+    HostileLink,
+    HostileRelay,
+    frame,
+    hostile_relay,
+    u32,
+)
 from rtunnel.http.target import normalize_target
 
 from .procs import Agent, run_agent
@@ -78,6 +88,20 @@ def _agent(relay: HostileRelay, upstream: Upstream) -> AbstractAsyncContextManag
     )
 
 
+async def _closed_by_the_agent(relay: HostileRelay, link: HostileLink) -> None:
+    """Wait for the agent's WebSocket Close, then drop the connection as a real relay closes it after the
+    Close handshake: the scripted relay keeps it open, and the agent would wait out its 5 s close timeout."""
+    await link.wait_closed()
+    relay.release(link)
+
+
+async def _stop(agent: Agent, relay: HostileRelay, link: HostileLink) -> None:
+    """SIGTERM: the agent says GOAWAY, closes the link, and exits 0."""
+    agent.send_signal(signal.SIGTERM)
+    await _closed_by_the_agent(relay, link)
+    assert await agent.wait_exit() == 0
+
+
 def _within_rules(path: str) -> bool:
     raw = path.encode("latin-1")
     normalized = normalize_target(raw)
@@ -98,6 +122,7 @@ async def test_a_hostile_relay_reaches_nothing_outside_the_allowlist(upstream: U
             assert status == 200, (target, status, body)
             assert body == seen  # the upstream echoes the request-target it received
         assert agent.returncode is None
+        await _stop(agent, relay, link)
     assert upstream.paths, "the allowed requests must have reached the upstream"
     outside = [p for p in upstream.paths if not _within_rules(p)]
     assert not outside, f"the upstream saw paths outside the rules: {outside}"
@@ -110,12 +135,13 @@ async def test_a_ping_flood_gets_enhance_your_calm_and_the_agent_reconnects(upst
         # SPEC 11: burst 50; a hundred pings in one message is a flood by any clock.
         await link.inject(*(frame(7, 0, 0, i.to_bytes(8, "big")) for i in range(100)))
         assert await link.goaway_code() is ErrorCode.ENHANCE_YOUR_CALM
-        await link.wait_closed()
+        await _closed_by_the_agent(relay, link)
         # The agent process survives the offender and dials again; the new link serves normally.
         again = await relay.accept()
         assert await again.request(b"GET", b"/api/after-flood") == (200, b"/api/after-flood")
         assert await again.request(b"GET", b"/admin") == (403, (await _denial(b"/admin")))
         assert agent.returncode is None
+        await _stop(agent, relay, again)
     assert upstream.paths == ["/api/after-flood"]
 
 
@@ -145,8 +171,9 @@ async def test_data_past_the_window_is_refused_and_a_window_overflow_closes_the_
         # A WINDOW_UPDATE that pushes the connection window past 2^31-1 is a connection error.
         await link.inject(frame(WINDOW_UPDATE, 0, 0, u32(2**31 - 1)))
         assert await link.goaway_code() is ErrorCode.FLOW_CONTROL_ERROR
-        await link.wait_closed()
+        await _closed_by_the_agent(relay, link)
         again = await relay.accept()
         assert await again.request(b"GET", b"/api/after") == (200, b"/api/after")
         assert agent.returncode is None
+        await _stop(agent, relay, again)
     assert all(_within_rules(p) for p in upstream.paths), upstream.paths

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 
+from ..ports import connect_from
 from .procs import http_client, run_agent, run_relay
 from .rawhttp import RawClient
 from .upstream import Upstream
@@ -33,14 +34,7 @@ LIMITS = [
 @asynccontextmanager
 async def raw_from(source: str, port: int) -> AsyncIterator[RawClient]:
     """A raw HTTP connection to the relay from a chosen loopback source address."""
-    sock = trio.socket.socket()
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except OSError as exc:
-        sock.close()
-        pytest.skip(f"cannot connect from {source}: {exc}")
-    async with trio.SocketStream(sock) as stream:
+    async with await connect_from(source, port) as stream:
         yield RawClient(stream)
 
 
@@ -88,15 +82,17 @@ async def test_exchange_body_and_head_limits_answer_the_offender_only(upstream: 
         run_relay(token, extra_args=LIMITS) as relay,
         run_agent(relay.agents_url, upstream.url, token=token),
         http_client(relay.http_url) as honest,
-        raw_from(OFFENDER, relay.http_port) as first,
-        raw_from(OFFENDER, relay.http_port) as second,
-        raw_from(OFFENDER, relay.http_port) as third,
+        AsyncExitStack() as stack,
     ):
+        # Each connection opens just before its request: opened earlier, it could meet the 2 s --head-timeout
+        # while the exchanges before it cross a loaded machine.
         # Two long exchanges in progress from the offender's address ...
-        for conn, key in ((first, b"a"), (second, b"b")):
+        for key in (b"a", b"b"):
+            conn = await stack.enter_async_context(raw_from(OFFENDER, relay.http_port))
             await conn.send(b"GET /hold/" + key + b" HTTP/1.1\r\nHost: a\r\n\r\n")
             await conn.read_until(b"held\n")
         # ... so a third is over --max-exchanges-per-ip: 429 with Retry-After; the honest client goes on.
+        third = await stack.enter_async_context(raw_from(OFFENDER, relay.http_port))
         await third.send(b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n")
         response = await third.response()
         assert response.status == 429

@@ -8,10 +8,12 @@ import httpx
 import pytest
 
 from ..faultproxy import open_fault_proxy
-from .procs import Relay, http_client, run_agent, run_relay
+from .procs import Relay, http_client, relay_ports, run_agent, run_relay
 from .upstream import Upstream, payload_sha256
 
 pytestmark = pytest.mark.e2e
+
+QUICK_BACKOFF = ["--backoff-initial", "0.1", "--backoff-cap", "0.5"]
 
 
 async def test_download_and_upload_through_the_tunnel(client: httpx.AsyncClient) -> None:
@@ -37,16 +39,18 @@ async def test_denied_path_never_reaches_upstream(relay: Relay, upstream: Upstre
 
 
 async def test_agent_reconnects_after_relay_kill_and_restart(upstream: Upstream, token: str) -> None:
-    async with (
-        run_relay(token) as relay,
-        run_agent(relay.agents_url, upstream.url, token=token) as agent,
-    ):
-        mark = agent.mark()
-        relay.kill()
-        async with run_relay(token, **relay.bind_args()) as again:
-            await agent.wait_connected(since=mark)
-            async with http_client(again.http_url) as c:
-                assert (await c.get("/after")).status_code == 200
+    with relay_ports() as ports:
+        async with (
+            run_relay(token, **ports) as relay,
+            # A short backoff: the agent is back as soon as the new relay listens, not seconds later.
+            run_agent(relay.agents_url, upstream.url, token=token, extra_args=QUICK_BACKOFF) as agent,
+        ):
+            mark = agent.mark()
+            relay.kill()
+            async with run_relay(token, **ports) as again:
+                await agent.wait_connected(since=mark)
+                async with http_client(again.http_url) as c:
+                    assert (await c.get("/after")).status_code == 200
 
 
 async def test_agent_through_fault_proxy_survives_a_cut(upstream: Upstream, token: str) -> None:

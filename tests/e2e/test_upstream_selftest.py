@@ -12,6 +12,7 @@ import httpx
 import pytest
 import trio
 
+from ..ports import reserved_port
 from .procs import http_client, run_upstream_process
 from .upstream import Upstream, first_mismatch, iter_payload, payload, payload_sha256
 
@@ -207,17 +208,18 @@ async def test_expect_100_continue_and_bad_request(upstream: Upstream) -> None:
 
 
 async def test_subprocess_mode_ready_paths_and_clean_sigterm() -> None:
-    async with run_upstream_process() as proc:
-        async with http_client(proc.url) as c:
-            assert (await c.get(f"/bytes/{100}")).content == payload(100)
-            assert (await c.get("/paths")).json() == ["/bytes/100", "/paths"]
-        port = proc.port
-        proc.send_signal(signal.SIGTERM)
-        assert await proc.wait_exit() == 0
-    async with run_upstream_process(port) as again:  # restart on the same port
-        assert again.port == port
-        async with http_client(again.url) as c:
-            assert (await c.get("/paths")).json() == ["/paths"]  # fresh state
+    with reserved_port() as port:
+        async with run_upstream_process(port) as proc:
+            assert proc.port == port
+            async with http_client(proc.url) as c:
+                assert (await c.get(f"/bytes/{100}")).content == payload(100)
+                assert (await c.get("/paths")).json() == ["/bytes/100", "/paths"]
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait_exit() == 0
+        async with run_upstream_process(port) as again:  # restart on the same port
+            assert again.port == port
+            async with http_client(again.url) as c:
+                assert (await c.get("/paths")).json() == ["/paths"]  # fresh state
 
 
 async def test_big_download_streams(direct: httpx.AsyncClient) -> None:

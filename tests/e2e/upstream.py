@@ -45,13 +45,15 @@ import socket
 import struct
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 import trio
+
+from ..trio_helpers import unwrap_single
 
 __all__ = [
     "Upstream",
@@ -426,23 +428,11 @@ async def serve_upstream(
     await trio.serve_listeners(functools.partial(_handle_connection, state), listeners)
 
 
-@contextmanager
-def _unwrap_single() -> Iterator[None]:
-    """Re-raise a lone exception out of the group that a trio nursery wraps it in, so that callers catch
-    what the ``async with`` body raised (``pytest.raises``, ``except``) as if no nursery were involved."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-
-
 @asynccontextmanager
 async def open_upstream(port: int = 0, *, host: str = "127.0.0.1") -> AsyncIterator[Upstream]:
     """``async with open_upstream() as up: up.url, up.paths, up.counts, up.state.release(key)``."""
     state = UpstreamState()
-    with _unwrap_single():
+    with unwrap_single():
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(functools.partial(serve_upstream, port, host=host, state=state))
             yield Upstream(bound, state)

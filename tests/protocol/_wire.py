@@ -1,5 +1,7 @@
-"""Test helpers shared by the property tests: an in-memory wire that knows which frames it carries.
+"""Test helpers shared by the protocol tests: frames written out by hand, a connected pair, and an in-memory
+wire that knows which frames it carries.
 
+`frame`, `header` and `block` write SPEC 3 and 5.3 octet by octet, independently of the encoder under test.
 The stateful test needs "bytes in flight" per stream and per connection (SPEC 8 conservation). Rather than
 trusting the core's own counters, the wire parses every frame `data_to_send` hands it (9-byte header,
 SPEC 3) and remembers where each frame ends, so the frames not yet fully fed to the peer are known exactly.
@@ -12,7 +14,7 @@ import struct
 from collections import deque
 from collections.abc import Iterable
 
-from protocol import FRAME_HEADER_SIZE, Connection, Event, FrameType
+from protocol import FRAME_HEADER_SIZE, Connection, Event, FrameType, Headers, Role, Settings
 
 _HEADER = struct.Struct(">IBI")
 _U32 = struct.Struct(">I")
@@ -21,6 +23,34 @@ _U32 = struct.Struct(">I")
 # delivered to the wrong stream or at the wrong offset shows up, and sending never copies.
 _PERIOD = 251
 _PATTERN = memoryview(bytes(range(_PERIOD)) * ((1 << 20) // _PERIOD + 2))
+
+
+def header(length: int, frame_type: int, flags: int, stream_id: int) -> bytes:
+    """A 9-octet frame header (SPEC 3)."""
+    return length.to_bytes(3, "big") + bytes((frame_type, flags)) + stream_id.to_bytes(4, "big")
+
+
+def frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return header(len(payload), frame_type, flags, stream_id) + payload
+
+
+def block(headers: Headers) -> bytes:
+    """A header block (SPEC 5.3)."""
+    out = struct.pack(">H", len(headers))
+    for name, value in headers:
+        out += struct.pack(">H", len(name)) + name + struct.pack(">H", len(value)) + value
+    return out
+
+
+def connected_pair(
+    relay_settings: Settings | None = None, agent_settings: Settings | None = None
+) -> tuple[Connection, Connection]:
+    """A relay and an agent that exchanged their HELLOs."""
+    relay = Connection(Role.ACCEPTOR, relay_settings)
+    agent = Connection(Role.DIALER, agent_settings)
+    agent.receive_data(relay.data_to_send())
+    relay.receive_data(agent.data_to_send())
+    return relay, agent
 
 
 def payload(seed: int, offset: int, size: int) -> memoryview:

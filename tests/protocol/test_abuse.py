@@ -28,6 +28,8 @@ from protocol import (
     WindowUpdated,
 )
 
+from ._wire import frame, header
+
 MAX = 2**31 - 1
 HELLO, OPEN, REPLY, DATA, TRAILERS, WINDOW_UPDATE, RESET, PING, GOAWAY = range(9)
 PE, FSE, FCE, CALM = (
@@ -36,14 +38,6 @@ PE, FSE, FCE, CALM = (
     ErrorCode.FLOW_CONTROL_ERROR,
     ErrorCode.ENHANCE_YOUR_CALM,
 )
-
-
-def header(length: int, frame_type: int, flags: int, stream_id: int) -> bytes:
-    return length.to_bytes(3, "big") + bytes((frame_type, flags)) + stream_id.to_bytes(4, "big")
-
-
-def frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return header(len(payload), frame_type, flags, stream_id) + payload
 
 
 def u32(value: int) -> bytes:

@@ -27,18 +27,10 @@ from protocol import (
     StreamOpened,
 )
 
-from ._wire import normalized, parse_frames, payload
+from ._wire import connected_pair, normalized, parse_frames, payload
 
 MIB = 1 << 20
 OUTBOUND_CAP = 64 * 1024
-
-
-def connected(relay_settings: Settings, agent_settings: Settings) -> tuple[Connection, Connection]:
-    relay = Connection(Role.ACCEPTOR, relay_settings)
-    agent = Connection(Role.DIALER, agent_settings)
-    agent.receive_data(relay.data_to_send())
-    relay.receive_data(agent.data_to_send())
-    return relay, agent
 
 
 @given(
@@ -59,7 +51,7 @@ def test_stalled_reader_does_not_block_other_streams(
         initial_stream_window=stream_window,
         connection_window=stream_window + conn_room,
     )
-    relay, agent = connected(relay_settings, Settings())
+    relay, agent = connected_pair(relay_settings, Settings())
     stalled, *others = [relay.open_stream(RequestHead(b"GET", b"/%d" % i), end_stream=True) for i in range(3)]
     to_send: dict[int, int] = {}
     sent: dict[int, int] = {}
@@ -103,7 +95,7 @@ def test_stalled_reader_with_connection_window_under_two_stream_windows() -> Non
     that its sibling uses, reads and acknowledges; 2048 < 6144 / 2, so credit batched strictly to half the
     window never went out and the sibling stalled for good (SPEC 8: a slow consumer must push back on exactly
     its own sender)."""
-    relay, agent = connected(Settings(initial_stream_window=4096, connection_window=6144), Settings())
+    relay, agent = connected_pair(Settings(initial_stream_window=4096, connection_window=6144), Settings())
     stalled = relay.open_stream(RequestHead(b"GET", b"/stalled"), end_stream=True)
     sibling = relay.open_stream(RequestHead(b"GET", b"/sibling"), end_stream=True)
     for event in agent.receive_data(relay.data_to_send()):
@@ -130,7 +122,7 @@ def test_stalled_reader_with_connection_window_under_two_stream_windows() -> Non
 def test_data_frames_round_robin(streams: int, frame_size: int, budgets: list[int], late: int) -> None:
     """SPEC 9: among any K consecutive DATA frames, each of K busy streams (with window) has one."""
     wide = Settings(max_frame_size=frame_size, initial_stream_window=MAX_WINDOW, connection_window=MAX_WINDOW)
-    relay, _agent = connected(Settings(), wide)
+    relay, _agent = connected_pair(Settings(), wide)
     ids = [relay.open_stream(RequestHead(b"POST", b"/")) for _ in range(streams)]
     # Some streams get their data later than others: the rotation must absorb newcomers too.
     for stream_id in ids[late:]:

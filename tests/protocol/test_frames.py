@@ -25,6 +25,8 @@ from protocol import (
 )
 from protocol import _frames as F
 
+from ._wire import block, connected_pair
+
 # -- strategies -----------------------------------------------------------------------------------
 
 # Sizes are kept modest so examples stay fast; the length prefixes' limits get their own explicit tests.
@@ -42,14 +44,6 @@ statuses = st.integers(100, 999)
 reasons = st.binary(max_size=255)
 stream_ids = st.integers(0, 2**31 - 1)
 u32s = st.integers(0, 2**32 - 1)
-
-
-def _block(headers: Headers) -> bytes:
-    """SPEC 5.3 written out independently of the encoder."""
-    out = struct.pack(">H", len(headers))
-    for name, value in headers:
-        out += struct.pack(">H", len(name)) + name + struct.pack(">H", len(value)) + value
-    return out
 
 
 # -- frame header ---------------------------------------------------------------------------------
@@ -188,7 +182,7 @@ def test_goaway_reserved_bit_and_short_payload() -> None:
 def test_request_head_round_trip(method: bytes, target: bytes, headers: Headers) -> None:
     head = RequestHead(method, target, headers)
     raw = F.encode_request_head(head)
-    assert raw == bytes((len(method),)) + method + struct.pack(">H", len(target)) + target + _block(headers)
+    assert raw == bytes((len(method),)) + method + struct.pack(">H", len(target)) + target + block(headers)
     decoded = F.decode_request_head(raw)
     assert decoded == head
     assert type(decoded.method) is bytes and all(type(n) is bytes for n, _ in decoded.headers)
@@ -198,7 +192,7 @@ def test_request_head_round_trip(method: bytes, target: bytes, headers: Headers)
 def test_response_head_round_trip(status: int, reason: bytes, headers: Headers) -> None:
     head = ResponseHead(status, reason, headers)
     raw = F.encode_response_head(head)
-    assert raw == struct.pack(">HB", status, len(reason)) + reason + _block(headers)
+    assert raw == struct.pack(">HB", status, len(reason)) + reason + block(headers)
     assert F.decode_response_head(raw) == head
     assert head.is_interim == (100 <= status <= 199 and status != 101)
 
@@ -206,7 +200,7 @@ def test_response_head_round_trip(status: int, reason: bytes, headers: Headers) 
 @given(header_lists)
 def test_trailers_round_trip(headers: Headers) -> None:
     raw = F.encode_trailers(list(headers))
-    assert raw == _block(headers)
+    assert raw == block(headers)
     assert F.decode_trailers(raw) == headers
 
 
@@ -319,14 +313,6 @@ def test_decoders_accept_memoryviews() -> None:
 # -- through two connections: the exact octets reach the application ------------------------------
 
 
-def _pair() -> tuple[protocol.Connection, protocol.Connection]:
-    relay = protocol.Connection(protocol.Role.ACCEPTOR)
-    agent = protocol.Connection(protocol.Role.DIALER)
-    agent.receive_data(relay.data_to_send())
-    relay.receive_data(agent.data_to_send())
-    return relay, agent
-
-
 @given(methods, targets, dup_header_lists, header_lists, statuses.filter(lambda s: s >= 200), reasons)
 def test_heads_cross_a_connection_verbatim(
     method: bytes,
@@ -336,7 +322,7 @@ def test_heads_cross_a_connection_verbatim(
     status: int,
     reason: bytes,
 ) -> None:
-    relay, agent = _pair()
+    relay, agent = connected_pair()
     request = RequestHead(method, target, dup_headers + headers)
     sid = relay.open_stream(request)
     assert agent.receive_data(relay.data_to_send()) == [protocol.StreamOpened(sid, request)]

@@ -32,12 +32,10 @@ from protocol import (
 )
 from protocol import _frames as F
 
+from ._wire import frame
+
 HELLO = F.encode_hello(Settings().to_pairs())
 SMALL = Settings(max_frame_size=1024, max_head_size=1024, initial_stream_window=2048, connection_window=4096)
-
-
-def _frame(frame_type: int, flags: int, stream_id: int, payload: bytes) -> bytes:
-    return F.pack_header(len(payload), frame_type, flags, stream_id) + payload
 
 
 _request_heads = st.builds(
@@ -80,7 +78,7 @@ def _frames(draw: st.DrawFn) -> bytes:
         payload = draw(st.binary(max_size=40))
     flags = draw(st.sampled_from([0, 0, 1, 1, 2, 0xFF]))
     stream_id = draw(st.one_of(st.integers(0, 8), st.integers(0, 8), st.sampled_from([2**31 - 1, 2**32 - 1])))
-    return _frame(frame_type, flags, stream_id, payload)
+    return frame(frame_type, flags, stream_id, payload)
 
 
 def _feed(me: Connection, data: bytes, cuts: list[int]) -> None:
@@ -191,5 +189,5 @@ def test_every_known_type_with_arbitrary_payload(
 ) -> None:
     me = Connection(Role.ACCEPTOR)
     me.receive_data(HELLO)
-    me.receive_data(_frame(F.FrameType.OPEN, 0, 1, F.encode_request_head(RequestHead(b"GET", b"/"))))
-    _feed(me, _frame(frame_type, flags, sid, payload), [])
+    me.receive_data(frame(F.FrameType.OPEN, 0, 1, F.encode_request_head(RequestHead(b"GET", b"/"))))
+    _feed(me, frame(frame_type, flags, sid, payload), [])

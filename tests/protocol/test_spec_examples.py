@@ -19,6 +19,8 @@ import protocol
 from protocol import Connection, Event, RequestHead, ResponseHead, Role
 from protocol import _frames as F
 
+from ._wire import connected_pair
+
 SPEC = Path(__file__).resolve().parents[2] / "SPEC.md"
 
 _BLOCK = re.compile(r"^```hex\n(.*?)^```$", re.MULTILINE | re.DOTALL)
@@ -78,14 +80,6 @@ class World:
         self.agent = Connection(Role.DIALER)
         # The connection pair of the examples played on new connections (12.10 on).
         self.other = (self.relay, self.agent)
-
-
-def _pair() -> tuple[Connection, Connection]:
-    """A relay and an agent that exchanged their HELLOs."""
-    relay, agent = Connection(Role.ACCEPTOR), Connection(Role.DIALER)
-    relay.receive_data(agent.data_to_send())
-    agent.receive_data(relay.data_to_send())
-    return relay, agent
 
 
 # Each step makes its sender produce the example's frame through the public API and returns
@@ -166,12 +160,12 @@ def _hello_reserved(world: World) -> tuple[str, bytes, Connection]:
 
 
 def _goaway_short(world: World) -> tuple[str, bytes, Connection]:
-    relay, _ = _pair()
+    relay, _ = connected_pair()
     return "agent", F.encode_frame(protocol.FrameType.GOAWAY, 0, 0, bytes(4)), relay
 
 
 def _interim_end_stream(world: World) -> tuple[str, bytes, Connection]:
-    relay, agent = world.other = _pair()
+    relay, agent = world.other = connected_pair()
     assert relay.open_stream(RequestHead(b"GET", b"/hello"), end_stream=True) == 2
     agent.receive_data(relay.data_to_send())
     reply = F.encode_response_head(ResponseHead(100, b""))  # send_reply refuses END_STREAM on an interim head

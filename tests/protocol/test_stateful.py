@@ -7,7 +7,7 @@ event, and invariants check flow-control conservation and buffer bounds after ev
 finishes every stream and drains both wires: everything not reset must complete and no stream may leak.
 
 White-box reads (kept to what SPEC 8 conservation needs, all read-only): `Connection._streams` (stream objects:
-`send_window`, `recv_window`, `recv_unacked`, `recv_consumed`, `recv_side`), `Connection._conn_consumed` (acked
+`send_window`, `recv_window`, `recv_unacked`, `recv_consumed`, `recv`), `Connection._conn.recv_consumed` (acked
 but not yet credited connection octets) and `Connection._control` (queued WINDOW_UPDATEs, see `_wire.in_flight`).
 """
 
@@ -49,7 +49,7 @@ from protocol import (
     TrailersReceived,
     WindowUpdated,
 )
-from protocol._stream import Side as SideState
+from protocol._state import ENDED
 
 from ._wire import Wire, in_flight, payload
 
@@ -517,7 +517,7 @@ class TwoPeers(RuleBasedStateMachine):
             data = in_flight(sender.conn, sender.wire)
             credit = in_flight(receiver.conn, receiver.wire)
             rconn = receiver.conn
-            held = sum(s.recv_unacked for s in rconn._streams.values()) + rconn._conn_consumed
+            held = sum(s.recv_unacked for s in rconn._streams.values()) + rconn._conn.recv_consumed
             total = sender.conn.connection_send_window + data.data_total + credit.window.get(0, 0) + held
             if not sender.conn.connection_send_window and any(
                 s.outbound_bytes for s in sender.conn._streams.values()
@@ -539,7 +539,7 @@ class TwoPeers(RuleBasedStateMachine):
                         continue  # refused, reset or retired at the receiver
                     held = 0
                 else:
-                    if inbound.recv_side is SideState.CLOSED:
+                    if inbound.recv in ENDED:
                         continue  # END_STREAM processed: the window is dead
                     held = inbound.recv_unacked + inbound.recv_consumed
                     assert inbound.recv_window == granted, f"stream {stream_id}: windows disagree"

@@ -14,12 +14,12 @@ from typing import Any
 import h11
 import trio
 
-from protocol import RequestHead, Role
+from protocol import RequestHead
 from rtunnel.agent.allowlist import Allowlist
 from rtunnel.agent.exchange import ExchangeHandler
 from rtunnel.link.mux import Multiplexer, StreamReset
 
-from .memtransport import memory_transport_pair
+from .memtransport import start_pair
 
 HOST = b"app.example"
 
@@ -38,13 +38,9 @@ async def tunnel(
     upstream_url: str, allowlist: Allowlist | None = None, **kwargs: Any
 ) -> AsyncIterator[Tunnel]:
     handler = ExchangeHandler(upstream_url, allowlist or Allowlist(), **kwargs)
-    t_relay, t_agent = memory_transport_pair()
-    relay = Multiplexer(t_relay, Role.ACCEPTOR)
-    agent = Multiplexer(t_agent, Role.DIALER, handler=handler)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(agent.run)
         nursery.start_soon(handler.run)
-        await nursery.start(relay.run)
+        relay, agent, *_ = await start_pair(nursery, handler)
         try:
             yield Tunnel(relay, agent, handler)
         finally:
@@ -116,13 +112,6 @@ async def call(
     return Result(
         head.status, list(head.headers), bytes(received), interim, ended_with_reply, stream.trailers
     )
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll state owned by other tasks and sockets (pool counters), for which no event exists."""
-    with trio.fail_after(10):
-        while not predicate():  # noqa: ASYNC110
-            await trio.sleep(0.01)
 
 
 # --- scripted upstream: a raw TCP server whose behaviour the test writes --------------------------------

@@ -1,5 +1,6 @@
-"""An in-memory message transport pair for runtime tests: the same contract as
-rtunnel.link.transport.Transport (send/receive whole messages, TransportClosed at the end), without sockets.
+"""An in-memory message transport pair for runtime tests: the same contract as rtunnel.link.transport.Transport
+(send/receive whole messages, TransportClosed at the end), without sockets; and a relay and an agent
+multiplexer connected over it.
 
 Like a Transport on plain TCP it offers send_nowait (the mux then writes from the stream's own task while the
 link is idle): a message that does not fit the channel's buffer is held and written by flush, as a socket's
@@ -7,8 +8,14 @@ unwritten tail is. `DIRECT = False` (or direct=False) makes a pair without it, l
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, NamedTuple
+
 import trio
 
+from protocol import Role
+from rtunnel.link.mux import Multiplexer, MuxStream
 from rtunnel.link.transport import TransportClosed
 
 
@@ -94,3 +101,50 @@ def memory_transport_pair(
     b_send, a_receive = trio.open_memory_channel[bytes](buffer)
     kind = DirectMemoryTransport if (DIRECT if direct is None else direct) else MemoryTransport
     return kind(a_send, a_receive), kind(b_send, b_receive)
+
+
+class MuxPair(NamedTuple):
+    relay: Multiplexer
+    agent: Multiplexer
+    relay_transport: MemoryTransport
+    agent_transport: MemoryTransport
+
+
+def mux_pair(
+    handler: Callable[[MuxStream], Awaitable[None]] | None = None,
+    *,
+    relay_options: Mapping[str, Any] | None = None,
+    agent_options: Mapping[str, Any] | None = None,
+    **both: Any,
+) -> MuxPair:
+    """A relay (ACCEPTOR) and an agent (DIALER, serving streams with `handler`) multiplexer, not running yet.
+    Keyword arguments go to both; `relay_options`/`agent_options` to one end (and win over `both`)."""
+    t_relay, t_agent = memory_transport_pair()
+    relay = Multiplexer(t_relay, Role.ACCEPTOR, **{**both, **(relay_options or {})})
+    agent = Multiplexer(t_agent, Role.DIALER, handler=handler, **{**both, **(agent_options or {})})
+    return MuxPair(relay, agent, t_relay, t_agent)
+
+
+async def start_pair(
+    nursery: trio.Nursery, handler: Callable[[MuxStream], Awaitable[None]] | None = None, **options: Any
+) -> MuxPair:
+    """mux_pair(handler, **options), both ends running in `nursery`; returns once the relay end has started."""
+    pair = mux_pair(handler, **options)
+    nursery.start_soon(pair.agent.run)
+    await nursery.start(pair.relay.run)
+    return pair
+
+
+@asynccontextmanager
+async def running_pair(
+    handler: Callable[[MuxStream], Awaitable[None]] | None = None, **options: Any
+) -> AsyncIterator[MuxPair]:
+    """start_pair in a nursery of its own; both ends are aborted when the block ends."""
+    async with trio.open_nursery() as nursery:
+        pair = await start_pair(nursery, handler, **options)
+        try:
+            yield pair
+        finally:
+            pair.relay.abort("test over")
+            pair.agent.abort("test over")
+            nursery.cancel_scope.cancel()

@@ -24,14 +24,14 @@ import h11
 import trio
 import trio.testing
 
-from protocol import RequestHead, ResponseHead, Role, Settings
+from protocol import RequestHead, ResponseHead, Settings
 from rtunnel.link.mux import Multiplexer, MuxStream
 from rtunnel.net.clientaddr import TrustedProxies
 from rtunnel.net.limits import Counter
 from rtunnel.relay.exchange import ClientConnection, HttpLimits
 from rtunnel.relay.registry import AgentRegistry
 
-from .memtransport import memory_transport_pair
+from .memtransport import start_pair
 
 TIMEOUT = 10.0
 
@@ -226,6 +226,18 @@ class Rig:
         self.nursery.start_soon(serve)
         return Client(client_end, done)
 
+    async def assert_refused(self, raw: bytes, status: int) -> None:
+        """`raw`, then a second request on the same connection: `raw` is answered with `status` and
+        Connection: close, the connection closed, and nothing (the second request least of all) reached the
+        agent."""
+        client = await self.connect()
+        await client.send(raw + b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+        got, headers, _ = await client.response()
+        assert got == status
+        assert (b"connection", b"close") in headers
+        assert await client.closed()
+        assert self.agent.seen == []
+
     async def roundtrip(self, data: bytes, client_ip: str = "192.0.2.1") -> bytes:
         """Send `data`, then EOF; everything the relay sent back until it closed. (A client that half-closes
         has abandoned its exchange: only for requests the relay answers itself.)"""
@@ -256,13 +268,13 @@ async def relay_rig(
     async with trio.open_nursery() as nursery:
         rig = Rig(registry, agent, limits, Counter(per_key=limits.max_exchanges_per_ip), nursery)
         if with_agent:
-            t_relay, t_agent = memory_transport_pair()
-            rig.relay_mux = Multiplexer(t_relay, Role.ACCEPTOR, settings=Settings(max_concurrent_streams=0))
-            agent_mux = Multiplexer(
-                t_agent, Role.DIALER, handler=agent, settings=agent_settings or Settings()
+            pair = await start_pair(
+                nursery,
+                agent,
+                relay_options={"settings": Settings(max_concurrent_streams=0)},
+                agent_options={"settings": agent_settings or Settings()},
             )
-            nursery.start_soon(agent_mux.run)
-            await nursery.start(rig.relay_mux.run)
+            rig.relay_mux = pair.relay
             registry.add(rig.relay_mux)
         try:
             yield rig

@@ -9,12 +9,12 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import RequestHead, ResponseHead, Role
+from protocol import RequestHead, ResponseHead
 from rtunnel.http.passthrough import pump, upgrade_offer, with_upgrade
-from rtunnel.link.mux import Multiplexer, MuxStream
+from rtunnel.link.mux import MuxStream
 from rtunnel.relay.registry import NoRoute, Route, Tunnel, TunnelRouter
 
-from .memtransport import memory_transport_pair
+from .memtransport import running_pair
 
 # -- routing -------------------------------------------------------------------------------------------------
 
@@ -132,20 +132,12 @@ async def switched_stream() -> AsyncIterator[tuple[MuxStream, MuxStream]]:
         await opened.send(stream)
         await done.wait()
 
-    t_relay, t_agent = memory_transport_pair()
-    relay = Multiplexer(t_relay, Role.ACCEPTOR)
-    agent = Multiplexer(t_agent, Role.DIALER, handler=handler)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(agent.run)
-        await nursery.start(relay.run)
-        ours = await relay.open_stream(RequestHead(b"GET", b"/", ()))
+    async with running_pair(handler) as pair:
+        ours = await pair.relay.open_stream(RequestHead(b"GET", b"/", ()))
         theirs = await receive.receive()
         assert (await ours.receive_reply()).status == 101
         yield ours, theirs
         done.set()
-        relay.abort("test over")
-        agent.abort("test over")
-        nursery.cancel_scope.cancel()
 
 
 async def test_pump_passes_bytes_and_half_closes_each_way() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import importlib
-import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
@@ -104,11 +103,3 @@ async def _raw_rejection(
             rejections.extend(group.exceptions)  # type: ignore[arg-type]
     assert len(rejections) == 1
     return rejections[0]
-
-
-def _free_port() -> int:
-    """A port with nothing listening (bound then closed; nothing else binds 127.0.0.1 here)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port

@@ -23,6 +23,7 @@ from rtunnel.link.mux import MuxStream, StreamReset
 from rtunnel.ops.logs import Access
 from tests.e2e.upstream import Upstream, open_upstream, payload_sha256
 from tests.ports import refused_port
+from tests.trio_helpers import wait_until
 
 from ..agent_harness import (
     HOST,
@@ -31,7 +32,6 @@ from ..agent_harness import (
     chunks_of,
     scripted_upstream,
     tunnel,
-    wait_until,
 )
 
 MB = 1 << 20

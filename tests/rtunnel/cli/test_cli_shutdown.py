@@ -16,11 +16,13 @@ import trio.testing
 
 from rtunnel.cli import commands as cli
 from rtunnel.cli.configfile import parse_args
+from rtunnel.cli.dial import agent_runner
+from rtunnel.cli.serve import relay_runner
 
 
 def _runner(*argv: str) -> Callable[[], Awaitable[None]]:
     args = parse_args(cli.build_parser(), list(argv))
-    return cli._serve_runner(args) if args.command == "serve" else cli._dial_runner(args)
+    return relay_runner(args) if args.command == "serve" else agent_runner(args)
 
 
 class _LogWatch(logging.Handler):

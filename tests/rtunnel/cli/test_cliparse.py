@@ -10,7 +10,8 @@ import pytest
 
 from rtunnel.cli import commands as cli
 from rtunnel.cli.configfile import parse_args
-from rtunnel.cli.parse import subparsers, upstream_url
+from rtunnel.cli.parse import subparsers
+from rtunnel.cli.values import upstream_url
 
 DIAL = ["dial", "ws://relay:8443", "--upstream", "5000"]
 

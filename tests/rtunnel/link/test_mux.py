@@ -14,7 +14,7 @@ from rtunnel.link.mux import LinkDead, Multiplexer, MuxClosed, MuxStream, Stream
 from rtunnel.link.transport import TransportClosed
 
 from .. import memtransport
-from ..memtransport import MemoryTransport, memory_transport_pair
+from ..memtransport import MemoryTransport, MuxPair, memory_transport_pair, mux_pair, start_pair
 
 GET = RequestHead(b"GET", b"/", ((b"Host", b"x"),))
 
@@ -31,15 +31,6 @@ async def echo_handler(stream: MuxStream) -> None:
     while chunk := await stream.receive_data():
         await stream.send_data(chunk)
     await stream.send_end()
-
-
-async def start_pair(nursery: trio.Nursery, handler=echo_handler, **kwargs):  # type: ignore[no-untyped-def]
-    t_relay, t_agent = memory_transport_pair()
-    relay = Multiplexer(t_relay, Role.ACCEPTOR, **kwargs)
-    agent = Multiplexer(t_agent, Role.DIALER, handler=handler, **kwargs)
-    nursery.start_soon(agent.run)
-    await nursery.start(relay.run)
-    return relay, agent, t_relay, t_agent
 
 
 async def exchange(relay: Multiplexer, body: bytes) -> bytes:
@@ -64,7 +55,7 @@ async def exchange(relay: Multiplexer, body: bytes) -> bytes:
 
 async def test_many_concurrent_echo_exchanges_are_intact() -> None:
     async with trio.open_nursery() as nursery:
-        relay, agent, *_ = await start_pair(nursery)
+        relay, agent, *_ = await start_pair(nursery, echo_handler)
         bodies = [os.urandom(n) for n in (0, 1, 1000, 300_000, 1_000_000)] * 4
         results: dict[int, bytes] = {}
 
@@ -150,9 +141,7 @@ async def test_dead_link_is_detected_by_both_sides(autojump_clock: trio.testing.
         except (LinkDead, TransportClosed) as exc:
             outcomes[name] = type(exc)
 
-    t_relay, t_agent = memory_transport_pair()
-    relay = Multiplexer(t_relay, Role.ACCEPTOR, ping_interval=5, dead_timeout=20)
-    agent = Multiplexer(t_agent, Role.DIALER, handler=echo_handler, ping_interval=5, dead_timeout=20)
+    relay, agent, t_relay, t_agent = mux_pair(echo_handler, ping_interval=5, dead_timeout=20)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run, "agent", agent)
         await nursery.start(run, "relay", relay)
@@ -193,13 +182,16 @@ async def _first_to_die(
     return *outcomes[0], trio.current_time() - start
 
 
+def _long_lived_agent_pair() -> MuxPair:
+    """The relay drops a dead link after 20 s; the agent would wait far longer, so the relay tells first."""
+    return mux_pair(echo_handler, ping_interval=5, dead_timeout=20, agent_options={"dead_timeout": 10_000})
+
+
 async def test_a_send_stuck_for_the_dead_timeout_drops_the_link(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # The agent keeps pinging (it hears nothing back), so the relay is never silent: only its stuck send tells.
-    t_relay, t_agent = memory_transport_pair()
-    relay = Multiplexer(t_relay, Role.ACCEPTOR, ping_interval=5, dead_timeout=20)
-    agent = Multiplexer(t_agent, Role.DIALER, handler=echo_handler, ping_interval=5, dead_timeout=10_000)
+    relay, agent, t_relay, _ = _long_lived_agent_pair()
     name, exc, elapsed = await _first_to_die(relay, agent, t_relay)
     assert (name, type(exc)) == ("relay", LinkDead)
     assert "a send has been stuck" in str(exc)
@@ -208,9 +200,7 @@ async def test_a_send_stuck_for_the_dead_timeout_drops_the_link(
 
 async def test_a_silent_peer_is_dropped_at_the_dead_timeout(autojump_clock: trio.testing.MockClock) -> None:
     # The agent reads but what it sends never arrives: the relay's own sends go through, only silence tells.
-    t_relay, t_agent = memory_transport_pair()
-    relay = Multiplexer(t_relay, Role.ACCEPTOR, ping_interval=5, dead_timeout=20)
-    agent = Multiplexer(t_agent, Role.DIALER, handler=echo_handler, ping_interval=5, dead_timeout=10_000)
+    relay, agent, _, t_agent = _long_lived_agent_pair()
     name, exc, elapsed = await _first_to_die(relay, agent, t_agent)
     assert (name, type(exc)) == ("relay", LinkDead)
     assert "no data from the peer" in str(exc)
@@ -270,13 +260,9 @@ async def test_every_opener_queued_for_a_stream_slot_gets_one_in_turn() -> None:
     """With the agent allowing 2 concurrent streams, 20 exchanges queue for slots and all complete: a freed
     slot must wake the waiters, not only the last one to start waiting."""
     async with trio.open_nursery() as nursery:
-        t_relay, t_agent = memory_transport_pair()
-        relay = Multiplexer(t_relay, Role.ACCEPTOR)
-        agent = Multiplexer(
-            t_agent, Role.DIALER, handler=echo_handler, settings=Settings(max_concurrent_streams=2)
+        relay, agent, *_ = await start_pair(
+            nursery, echo_handler, agent_options={"settings": Settings(max_concurrent_streams=2)}
         )
-        nursery.start_soon(agent.run)
-        await nursery.start(relay.run)
         done = 0
 
         async def one(i: int) -> None:

@@ -33,6 +33,29 @@ from ..transport_common import (
 # failures on an established link
 
 
+class EndOfLink:
+    """A relay handler that waits for the end of its link and keeps why it ended (TransportClosed.reason)."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.ended = 0
+        self._changed = trio.Event()
+
+    async def handler(self, t: Transport) -> None:
+        try:
+            await t.receive()
+        except _impl(t).TransportClosed as exc:
+            self.reasons.append(exc.reason)
+        self.ended += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, links: int = 1) -> None:
+        """Until `links` handlers have returned."""
+        while self.ended < links:
+            await self._changed.wait()
+
+
 async def test_handler_exception_does_not_kill_server(
     tr: ModuleType, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -58,40 +81,22 @@ async def test_handler_exception_does_not_kill_server(
 
 
 async def test_block_exit_closes_gracefully_or_aborts(tr: ModuleType, nursery: trio.Nursery) -> None:
-    reasons: list[str] = []
-    ended = trio.Semaphore(0)
-
-    async def handler(t: Transport) -> None:
-        try:
-            await t.receive()
-        except tr.TransportClosed as exc:
-            reasons.append(exc.reason)
-        ended.release()
-
-    url = await _start_relay(tr, nursery, handler)
+    server = EndOfLink()
+    url = await _start_relay(tr, nursery, server.handler)
     async with tr.connect(url, token=TOKEN, ssl_context=None):
         pass
-    await ended.acquire()
+    await server.wait(1)
     with pytest.raises(RuntimeError):
         async with tr.connect(url, token=TOKEN, ssl_context=None):
             raise RuntimeError("agent bug")
-    await ended.acquire()
-    assert reasons[0] == "WebSocket closed: 1000 NORMAL_CLOSURE"
-    assert reasons[1].startswith("connection lost")
+    await server.wait(2)
+    assert server.reasons[0] == "WebSocket closed: 1000 NORMAL_CLOSURE"
+    assert server.reasons[1].startswith("connection lost")
 
 
 async def test_abort_is_seen_by_the_peer(tr: ModuleType, nursery: trio.Nursery) -> None:
-    server_side: list[str] = []
-    done = trio.Event()
-
-    async def handler(t: Transport) -> None:
-        try:
-            await t.receive()
-        except tr.TransportClosed as exc:
-            server_side.append(exc.reason)
-        done.set()
-
-    url = await _start_relay(tr, nursery, handler)
+    server = EndOfLink()
+    url = await _start_relay(tr, nursery, server.handler)
     async with tr.connect(url, token=TOKEN, ssl_context=None) as t:
         t.abort()
         t.abort()  # idempotent
@@ -99,8 +104,8 @@ async def test_abort_is_seen_by_the_peer(tr: ModuleType, nursery: trio.Nursery) 
             await t.receive()
         with pytest.raises(tr.TransportClosed, match="aborted locally"):
             await t.send(b"x")
-    await done.wait()
-    assert server_side and server_side[0].startswith("connection lost")
+    await server.wait()
+    assert server.reasons and server.reasons[0].startswith("connection lost")
 
 
 async def test_server_abort_is_seen_by_the_client(tr: ModuleType, nursery: trio.Nursery) -> None:
@@ -125,19 +130,26 @@ async def test_abort_unblocks_a_send_stuck_on_a_peer_that_does_not_read(
 
     url = await _start_relay(tr, nursery, not_reading)
     outcome: list[str] = []
+    in_send = False
     async with tr.connect(url, token=TOKEN, ssl_context=None) as t:
 
         async def flood() -> None:
+            nonlocal in_send
             chunk = bytes(256 * 1024)
             try:
                 while True:
+                    in_send = True
                     await t.send(chunk)
+                    in_send = False
             except tr.TransportClosed as exc:
                 outcome.append(exc.reason)
 
         async with trio.open_nursery() as inner:
             inner.start_soon(flood)
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            # Every task blocked: the flood waits inside a send (on a full socket, or on an ACK that frees
+            # send buffer; either way a send that only the abort can end now). No real-time cushion needed.
+            await trio.testing.wait_all_tasks_blocked()
+            assert in_send
             t.abort()
     release.set()
     assert outcome == ["aborted locally"]
@@ -154,7 +166,7 @@ async def test_cancelled_send_poisons_the_link(tr: ModuleType, nursery: trio.Nur
         with trio.CancelScope() as scope:
 
             async def cancel_when_stuck() -> None:
-                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                await trio.testing.wait_all_tasks_blocked()  # the loop below is blocked inside a send
                 scope.cancel()
 
             async with trio.open_nursery() as inner:
@@ -168,17 +180,8 @@ async def test_cancelled_send_poisons_the_link(tr: ModuleType, nursery: trio.Nur
 
 
 async def test_text_message_closes_the_link(tr: ModuleType, nursery: trio.Nursery) -> None:
-    reasons: list[str] = []
-    done = trio.Event()
-
-    async def handler(t: Transport) -> None:
-        try:
-            await t.receive()
-        except tr.TransportClosed as exc:
-            reasons.append(exc.reason)
-        done.set()
-
-    url = await _start_relay(tr, nursery, handler)
+    server = EndOfLink()
+    url = await _start_relay(tr, nursery, server.handler)
     _, host, port, path = parse_relay_url(url)
     # Our own socket: trio-websocket's client does not close it after a close from the peer.
     async with await trio.open_tcp_stream(host, port) as stream, trio.open_nursery() as inner:
@@ -191,8 +194,8 @@ async def test_text_message_closes_the_link(tr: ModuleType, nursery: trio.Nurser
         assert info.value.reason is not None
         assert info.value.reason.code == 1003
         await ws.aclose()
-    await done.wait()
-    assert reasons and "text message" in reasons[0]
+    await server.wait()
+    assert server.reasons and "text message" in server.reasons[0]
 
 
 async def test_message_over_limit_closes_with_1009(tr: ModuleType, nursery: trio.Nursery) -> None:
@@ -251,13 +254,17 @@ async def test_reader_answers_pings_while_a_send_is_stuck(tr: ModuleType, nurser
     got_all = trio.Event()
     sending = trio.Event()
     flood_done = trio.Event()
+    in_send = False
 
     async def handler(t: Transport) -> None:
         async def flood() -> None:
+            nonlocal in_send
             with contextlib.suppress(_impl(t).TransportClosed):
                 for _ in range(128):  # 32 MiB: more than loopback socket buffers hold
                     sending.set()
+                    in_send = True
                     await t.send(bytes(256 * 1024))
+                    in_send = False
             flood_done.set()
 
         async with trio.open_nursery() as inner:
@@ -272,7 +279,9 @@ async def test_reader_answers_pings_while_a_send_is_stuck(tr: ModuleType, nurser
     stream, proto = await _sansio_client(url)
     async with stream:
         await sending.wait()
-        await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the flood is stuck on us
+        # Every task blocked: the flood waits inside a send, for us to read (we never do before the pongs).
+        await trio.testing.wait_all_tasks_blocked()
+        assert in_send
         for i in range(20):
             proto.send_ping(b"p%d" % i)
             proto.send_binary(b"m%d" % i)
@@ -303,17 +312,8 @@ async def test_fragmented_message_is_reassembled(tr: ModuleType, nursery: trio.N
 
 
 async def test_peer_close_is_answered_and_reported(tr: ModuleType, nursery: trio.Nursery) -> None:
-    reasons: list[str] = []
-    done = trio.Event()
-
-    async def handler(t: Transport) -> None:
-        try:
-            await t.receive()
-        except _impl(t).TransportClosed as exc:
-            reasons.append(exc.reason)
-        done.set()
-
-    url = await _start_relay(tr, nursery, handler)
+    server = EndOfLink()
+    url = await _start_relay(tr, nursery, server.handler)
     stream, proto = await _sansio_client(url)
     async with stream:
         proto.send_close(1001, "going away")
@@ -321,8 +321,8 @@ async def test_peer_close_is_answered_and_reported(tr: ModuleType, nursery: trio
         frames = await _frames_until(stream, proto, Opcode.CLOSE)
         assert frames[-1].data[:2] == (1001).to_bytes(2, "big")  # echoed
         assert await stream.receive_some() == b""  # the server closes TCP after the exchange
-    await done.wait()
-    assert reasons == ["WebSocket closed: 1001 GOING_AWAY (going away)"]
+    await server.wait()
+    assert server.reasons == ["WebSocket closed: 1001 GOING_AWAY (going away)"]
 
 
 async def test_websocket_pings_count_against_the_protocols_ping_budget(

@@ -162,6 +162,14 @@ def test_a_corrupted_signature_is_refused_on_the_byte_that_shows_it(
         parser.feed(b"anything")  # refused for good: nothing more is read
 
 
+def test_a_v1_signature_corrupted_into_the_start_of_v2_is_refused_where_it_stops_matching() -> None:
+    # The case the property above leaves out: "\rROXY ..." is refused on its second byte, not its first.
+    parser = ProxyHeaderParser()
+    assert parser.feed(b"\r") == 1  # still the start of the v2 signature
+    with pytest.raises(ProxyProtocolError):
+        parser.feed(b"R")
+
+
 @given(st.binary(min_size=1, max_size=200))
 def test_arbitrary_bytes_are_refused_within_the_size_bounds_or_are_a_header(data: bytes) -> None:
     parser = ProxyHeaderParser()

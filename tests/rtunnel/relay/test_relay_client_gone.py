@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from rtunnel.relay.exchange import WATCH_AFTER, HttpLimits
+from tests.trio_helpers import wait_until
 
 from ..relay_rig import relay_rig
 
@@ -27,14 +28,11 @@ async def test_a_client_that_leaves_a_held_exchange_gets_its_stream_reset(
     async with relay_rig(HttpLimits(max_exchanges_per_ip=1)) as rig:
         client = await rig.connect("198.51.100.7")
         await client.send(head)
-        with trio.fail_after(10):
-            while not rig.agent.seen:  # noqa: ASYNC110  (the exchange reached the agent)
-                await trio.sleep(0.001)
+        await wait_until(lambda: rig.agent.seen, interval=0.001)  # the exchange reached the agent
         await trio.sleep(leave_after)
         await client.stream.aclose()
         with trio.fail_after(10):
-            while not rig.agent.seen[0].reset:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+            await wait_until(lambda: rig.agent.seen[0].reset)
             await client.done.wait()
         # The slot of the abandoned exchange is free again: the same address gets the next one.
         other = await rig.connect("198.51.100.7")

@@ -12,13 +12,15 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import ErrorCode, RequestHead, ResponseHead, Role, Settings
+from protocol import ErrorCode, RequestHead, ResponseHead, Settings
 from rtunnel.link.mux import Multiplexer, MuxStream, StreamReset
 from rtunnel.net.limits import AuthThrottle
 from rtunnel.relay.exchange import HttpLimits
 from rtunnel.relay.server import Relay, RelayConfig
+from tests.ports import connect_from
+from tests.trio_helpers import wait_until
 
-from ..memtransport import memory_transport_pair
+from ..memtransport import start_pair
 from ..relay_rig import relay_rig
 
 POST = b"POST /x HTTP/1.1\r\nHost: a\r\n"
@@ -66,14 +68,7 @@ REFUSED_HEADS: list[tuple[str, bytes, int]] = [
 @pytest.mark.parametrize(("raw", "status"), [c[1:] for c in REFUSED_HEADS], ids=[c[0] for c in REFUSED_HEADS])
 async def test_ambiguous_framing_is_refused_and_the_connection_closed(raw: bytes, status: int) -> None:
     async with relay_rig() as rig:
-        client = await rig.connect()
-        # A second request after it: it must never be parsed, let alone forwarded.
-        await client.send(raw + b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
-        got, headers, _ = await client.response()
-        assert got == status
-        assert (b"connection", b"close") in headers
-        assert await client.closed()
-        assert rig.agent.seen == []
+        await rig.assert_refused(raw, status)
 
 
 TRICKLED = [
@@ -305,9 +300,7 @@ async def test_exchanges_per_ip_are_limited_with_429_and_other_ips_go_on() -> No
             client = await rig.connect("198.51.100.7")
             await client.send(b"GET /hold/%s HTTP/1.1\r\nHost: a\r\n\r\n" % key.encode())
             held.append(client)
-        with trio.fail_after(10):
-            while len(rig.agent.seen) < 2:  # noqa: ASYNC110  (both exchanges reached the agent)
-                await trio.sleep(0.01)
+        await wait_until(lambda: len(rig.agent.seen) >= 2)  # both exchanges reached the agent
         flood = await rig.connect("198.51.100.7")
         await flood.send(b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n")
         status, headers, _ = await flood.response()
@@ -332,9 +325,7 @@ async def test_over_the_memory_budget_new_exchanges_get_503_until_it_drains() ->
         # A client that asks for a big body and does not read it: the relay holds up to a window of it.
         hog = await rig.connect("198.51.100.7", lockstep=True)
         await hog.send(b"GET /big/200000 HTTP/1.1\r\nHost: a\r\n\r\n")
-        with trio.fail_after(10):
-            while rig.relay_mux.buffered_bytes <= 64 * 1024:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        await wait_until(lambda: rig.relay_mux.buffered_bytes > 64 * 1024)
         other = await rig.connect("203.0.113.9")
         await other.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         status, headers, _ = await other.response()
@@ -354,14 +345,14 @@ async def test_over_the_memory_budget_new_exchanges_get_503_until_it_drains() ->
 async def _open_pair(
     nursery: trio.Nursery, agent_settings: Settings, handler: object, stall_timeout: float
 ) -> Multiplexer:
-    t_relay, t_agent = memory_transport_pair()
-    relay = Multiplexer(
-        t_relay, Role.ACCEPTOR, settings=Settings(max_concurrent_streams=0), stall_timeout=stall_timeout
+    relay_options = {"settings": Settings(max_concurrent_streams=0), "stall_timeout": stall_timeout}
+    pair = await start_pair(
+        nursery,
+        handler,  # type: ignore[arg-type]
+        relay_options=relay_options,
+        agent_options={"settings": agent_settings},
     )
-    agent = Multiplexer(t_agent, Role.DIALER, handler=handler, settings=agent_settings)  # type: ignore[arg-type]
-    nursery.start_soon(agent.run)
-    await nursery.start(relay.run)
-    return relay
+    return pair.relay
 
 
 async def test_a_stream_whose_peer_never_opens_its_window_is_reset(
@@ -404,17 +395,6 @@ async def test_a_slow_but_progressing_stream_is_not_reaped(
 # --- connections on the relay's HTTP listener (real sockets, in-process relay) -----------------------------
 
 
-async def _connect_from(source: str, port: int) -> trio.SocketStream:
-    sock = trio.socket.socket()
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-    except OSError as exc:
-        sock.close()
-        pytest.skip(f"cannot connect from {source}: {exc}")
-    return trio.SocketStream(sock)
-
-
 async def _status(stream: trio.SocketStream) -> tuple[int, bool]:
     """Send a request and read the status of the answer; also whether the relay then closed."""
     await stream.send_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -437,20 +417,20 @@ async def test_the_http_listener_limits_connections_in_total_and_per_address(nur
     held = []
     # Each sends part of a head and stops: busy, not idle, so never reclaimed for a newcomer.
     for source in ("127.0.0.1", "127.0.0.1", "127.0.0.2"):
-        stream = await _connect_from(source, port)
+        stream = await connect_from(source, port)
         await stream.send_all(b"GET /x HTTP/1.1\r\n")
         held.append(stream)
     await _until_counted(relay, 3)
-    over_address = await _connect_from("127.0.0.1", port)  # third from one address
+    over_address = await connect_from("127.0.0.1", port)  # third from one address
     assert await _status(over_address) == (503, True)
-    over_total = await _connect_from("127.0.0.3", port)  # fourth in total
+    over_total = await connect_from("127.0.0.3", port)  # fourth in total
     assert await _status(over_total) == (503, True)
     # No agent: a request is answered 503 "no agent" and the connection stays open (and counted).
     # Closing one frees its slot (the relay notices the close when its handler ends).
     await held.pop().aclose()
     with trio.fail_after(10):
         while True:
-            retry = await _connect_from("127.0.0.3", port)
+            retry = await connect_from("127.0.0.3", port)
             if await _status(retry) == (503, False):
                 break
             await trio.sleep(0.01)
@@ -459,9 +439,7 @@ async def test_the_http_listener_limits_connections_in_total_and_per_address(nur
 
 
 async def _until_counted(relay: Relay, connections: int) -> None:
-    with trio.fail_after(10):
-        while relay.connection_count < connections:  # noqa: ASYNC110 (the count is polled, not signalled)
-            await trio.sleep(0.01)
+    await wait_until(lambda: relay.connection_count >= connections)  # the count is polled, not signalled
 
 
 async def _answered(stream: trio.SocketStream) -> tuple[int, bool]:
@@ -486,12 +464,12 @@ async def test_at_the_connection_limit_the_longest_idle_connection_makes_room(nu
     assert relay.http_address is not None
     port = relay.http_address[1]
     # Two keep-alive connections, each idle after one exchange (503: no agent; the connection stays open).
-    oldest = await _connect_from("127.0.0.1", port)
+    oldest = await connect_from("127.0.0.1", port)
     assert await _answered(oldest) == (503, False)
-    newer = await _connect_from("127.0.0.1", port)
+    newer = await connect_from("127.0.0.1", port)
     assert await _answered(newer) == (503, False)
     # A third client, from another address: the relay closes the longest idle connection and serves it.
-    newcomer = await _connect_from("127.0.0.2", port)
+    newcomer = await connect_from("127.0.0.2", port)
     assert await _answered(newcomer) == (503, False)
     with trio.fail_after(10):
         while await oldest.receive_some():  # the rest of its last response, if any, then the close
@@ -500,7 +478,7 @@ async def test_at_the_connection_limit_the_longest_idle_connection_makes_room(nu
     # With every connection busy (a head in progress), nothing is reclaimed: the newcomer is refused.
     for stream in (newer, newcomer):
         await stream.send_all(b"GET /x HTTP/1.1\r\n")
-    refused = await _connect_from("127.0.0.3", port)
+    refused = await connect_from("127.0.0.3", port)
     assert await _answered(refused) == (503, True)
     for stream in (oldest, newer, newcomer, refused):
         await stream.aclose()

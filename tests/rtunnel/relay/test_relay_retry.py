@@ -18,13 +18,13 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import ErrorCode, ResponseHead, Role
+from protocol import ErrorCode, ResponseHead
 from rtunnel.link.mux import LinkDead, Multiplexer, MuxStream
 from rtunnel.link.transport import TransportClosed
 from rtunnel.relay.exchange import ClientConnection, HttpLimits
 from rtunnel.relay.registry import AgentRegistry
 
-from ..memtransport import memory_transport_pair
+from ..memtransport import mux_pair
 
 Handler = Callable[[MuxStream], Awaitable[None]]
 
@@ -45,10 +45,7 @@ class Agents:
 
     async def connect(self, name: str, behaviour: Handler | None) -> Multiplexer:
         """behaviour None: an agent that refuses every stream (REFUSED_STREAM)."""
-        t_relay, t_agent = memory_transport_pair()
-        relay_side = Multiplexer(t_relay, Role.ACCEPTOR)
-        handler = None if behaviour is None else self._recording(name, behaviour)
-        agent_side = Multiplexer(t_agent, Role.DIALER, handler=handler)
+        relay_side, agent_side, *_ = mux_pair(None if behaviour is None else self._recording(name, behaviour))
         self.nursery.start_soon(_run_quietly, agent_side)
         await self.nursery.start(_run_quietly, relay_side)
         self.registry.add(relay_side)

@@ -63,13 +63,7 @@ async def test_a_head_the_tunnel_cannot_carry_is_refused_and_others_are_served(
 ) -> None:
     with unless_frozen():
         async with relay_rig(limits, agent_settings=agent, agent_wait=5) as rig:
-            client = await rig.connect()
-            await client.send(raw + b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
-            got, headers, _ = await client.response()
-            assert got == status
-            assert (b"connection", b"close") in headers
-            assert await client.closed()
-            assert rig.agent.seen == []
+            await rig.assert_refused(raw, status)
             await _second_client_is_served(rig)
 
 
