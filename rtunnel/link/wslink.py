@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import ssl
 import struct
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ except ImportError:  # no C extension for this platform: still correct, ~100x sl
     from websockets.utils import apply_mask
 
 from ..net import fastsend
+from ..net.entropy import random_bytes
 
 SUBPROTOCOL = "rtunnel.v1"
 
@@ -338,7 +338,7 @@ class Transport:
             head = struct.pack("!BBQ", 0x82, 127, size)
         if self._proto.side is Side.SERVER:
             return b"".join((head, message))
-        mask = os.urandom(4)  # a client masks every frame (RFC 6455 5.3)
+        mask = random_bytes(4)  # a client masks every frame (RFC 6455 5.3: unpredictable keys)
         head = bytes([head[0], head[1] | 0x80]) + head[2:] + mask
         if size <= _MASK_CHUNK:
             return b"".join((head, apply_mask(message, mask)))
