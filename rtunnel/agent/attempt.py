@@ -361,15 +361,23 @@ async def _forward_response(exchange: Exchange, att: Attempt, response: h11.Resp
         length = int(lengths[0]) if lengths else None  # h11 validated and merged it
     status = response.status_code
     no_body = length == 0 or bodiless(exchange.method, status)
+    head = ResponseHead(status, response.reason[:_MAX_REASON], tuple(headers))
+    # The body bytes that arrived with the head go with it: a small response is then one message.
+    data, end = (b"", None) if no_body else _received_body(conn)
+    trailers = strip_hop_by_hop(end.headers.raw_items()) if end is not None else []
     try:
-        await stream.send_reply(
-            ResponseHead(status, response.reason[:_MAX_REASON], tuple(headers)), end_stream=no_body
-        )
+        await stream.send_reply(head, data=data, end_stream=no_body or (end is not None and not trailers))
     except LocalProtocolError as exc:
         # Not forwardable (e.g. a head over the tunnel's MAX_HEAD_SIZE): still nothing sent, so 502.
         raise UpstreamBroken(f"upstream response head cannot be forwarded: {exc}") from None
     att.phase = Phase.FORWARDED
     exchange.status = status
+    if end is not None:
+        if trailers:
+            await stream.send_trailers(trailers)
+        exchange.finished = True
+        att.phase = Phase.COMPLETE
+        return
     while True:
         event = await conn.next_event()
         if isinstance(event, h11.Data):
@@ -383,6 +391,21 @@ async def _forward_response(exchange: Exchange, att: Attempt, response: h11.Resp
             return
         else:
             raise UpstreamBroken(f"upstream sent {type(event).__name__} inside a response body")
+
+
+def _received_body(conn: UpstreamConnection) -> tuple[bytes, h11.EndOfMessage | None]:
+    """The response body bytes already received (up to READ_SIZE, without waiting) and its end if that
+    arrived too."""
+    pieces: list[bytes] = []
+    size = 0
+    while size < READ_SIZE and (event := conn.next_event_nowait()) is not None:
+        if isinstance(event, h11.EndOfMessage):
+            return b"".join(pieces), event
+        if not isinstance(event, h11.Data):
+            raise UpstreamBroken(f"upstream sent {type(event).__name__} inside a response body")
+        pieces.append(event.data)
+        size += len(event.data)
+    return b"".join(pieces), None
 
 
 async def _passthrough(exchange: Exchange, conn: UpstreamConnection) -> None:

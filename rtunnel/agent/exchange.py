@@ -94,11 +94,7 @@ class Exchange:
         body, headers = plain_text(text)
         head = ResponseHead(status, phrase(status), (*headers, (b"Cache-Control", b"no-store")))
         self.status = status
-        if self.method == b"HEAD":
-            await self.stream.send_reply(head, end_stream=True)
-        else:
-            await self.stream.send_reply(head)
-            await self.stream.send_data(body, end_stream=True)
+        await self.stream.send_reply(head, data=b"" if self.method == b"HEAD" else body, end_stream=True)
         self.finished = True
 
     def reset(self, code: ErrorCode) -> None:
