@@ -61,7 +61,13 @@ def curl_upload(url: str, source: Path, size: int, upload_log: Path) -> float:
     args = ["curl", "-s", "-o", "/dev/null", "--max-time", "300", "-X", "POST", "-T", str(source), "-H", "Expect:"]  # fmt: skip
     out = run([*args, "-w", "%{http_code} %{size_upload} %{speed_upload}", url], timeout=320)
     code, sent, speed = out.split()
-    after = upload_log.read_text().splitlines() if upload_log.exists() else []
+    # nginx logs the request after it answered: under load curl may be done before the line is written.
+    deadline = time.monotonic() + 5
+    while True:
+        after = upload_log.read_text().splitlines() if upload_log.exists() else []
+        if len(after) > len(before) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     received = int(after[-1].split()[0]) if len(after) > len(before) else 0
     if code != "204" or int(sent) != size or received < size:
         raise BenchError(

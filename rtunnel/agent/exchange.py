@@ -466,13 +466,22 @@ class _Exchange:
         status = response.status_code
         no_body = length == 0 or bodiless(self.method, status)
         head = ResponseHead(status, response.reason[:_MAX_REASON], tuple(headers))
+        # The body bytes that arrived with the head go with it: a small response is then one message.
+        data, end = (b"", None) if no_body else _received_body(conn)
+        trailers = strip_hop_by_hop(end.headers.raw_items()) if end is not None else []
         try:
-            await stream.send_reply(head, end_stream=no_body)
+            await stream.send_reply(head, data=data, end_stream=no_body or (end is not None and not trailers))
         except LocalProtocolError as exc:
             # Not forwardable (e.g. a head over the tunnel's MAX_HEAD_SIZE): still nothing sent, so 502.
             att.final_received = False
             raise UpstreamBroken(f"upstream response head cannot be forwarded: {exc}") from None
         self.status = status
+        if end is not None:
+            if trailers:
+                await stream.send_trailers(trailers)
+            self.finished = True
+            att.complete = True
+            return
         while True:
             event = await conn.next_event()
             if isinstance(event, h11.Data):
@@ -515,16 +524,27 @@ class _Exchange:
         body, headers = plain_text(text)
         head = ResponseHead(status, phrase(status), (*headers, (b"Cache-Control", b"no-store")))
         self.status = status
-        if self.method == b"HEAD":
-            await self.stream.send_reply(head, end_stream=True)
-        else:
-            await self.stream.send_reply(head)
-            await self.stream.send_data(body, end_stream=True)
+        await self.stream.send_reply(head, data=b"" if self.method == b"HEAD" else body, end_stream=True)
         self.finished = True
 
     def reset(self, code: ErrorCode) -> None:
         self.finished = True
         self.stream.reset(code)
+
+
+def _received_body(conn: UpstreamConnection) -> tuple[bytes, h11.EndOfMessage | None]:
+    """The response body bytes already received (up to READ_SIZE, without waiting) and its end if that
+    arrived too."""
+    pieces: list[bytes] = []
+    size = 0
+    while size < READ_SIZE and (event := conn.next_event_nowait()) is not None:
+        if isinstance(event, h11.EndOfMessage):
+            return b"".join(pieces), event
+        if not isinstance(event, h11.Data):
+            raise UpstreamBroken(f"upstream sent {type(event).__name__} inside a response body")
+        pieces.append(event.data)
+        size += len(event.data)
+    return b"".join(pieces), None
 
 
 def _log_path(target: bytes) -> str:

@@ -173,36 +173,38 @@ class UpstreamConnection:
 
     async def next_event(self) -> h11.Event:
         """The next response event, reading 64 KiB at a time. Raises UpstreamBroken."""
-        while True:
+        while (event := self.next_event_nowait()) is None:
             try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                if self.saw_eof:
-                    if self.bytes_received == 0:
-                        raise UpstreamBroken("upstream closed the connection without responding") from None
-                    raise UpstreamBroken(
-                        "upstream closed the connection in the middle of a response"
-                    ) from None
-                if "_SWITCH_UPGRADE" in str(exc):
-                    # h11 accepts a 101 only in answer to a request that offered Upgrade (see agent/exchange.py).
-                    raise UpstreamBroken(
-                        "upstream switched protocols (101) for a request that did not ask to"
-                    ) from None
-                raise UpstreamBroken(f"upstream sent an invalid response: {exc}") from None
-            if event is h11.NEED_DATA:
-                try:
-                    data = await self.stream.receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise UpstreamBroken(f"upstream connection failed: {_cause(exc)}") from None
-                if not data:
-                    self.saw_eof = True
-                self.bytes_received += len(data)
-                self.h11.receive_data(data)
-                continue
-            if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
-                raise UpstreamBroken("upstream connection ended unexpectedly")
-            assert isinstance(event, h11.Event)
-            return event
+                data = await self.stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise UpstreamBroken(f"upstream connection failed: {_cause(exc)}") from None
+            if not data:
+                self.saw_eof = True
+            self.bytes_received += len(data)
+            self.h11.receive_data(data)
+        return event
+
+    def next_event_nowait(self) -> h11.Event | None:
+        """The next response event if its bytes already arrived, else None. Raises UpstreamBroken."""
+        try:
+            event = self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            if self.saw_eof:
+                if self.bytes_received == 0:
+                    raise UpstreamBroken("upstream closed the connection without responding") from None
+                raise UpstreamBroken("upstream closed the connection in the middle of a response") from None
+            if "_SWITCH_UPGRADE" in str(exc):
+                # h11 accepts a 101 only in answer to a request that offered Upgrade (see agent/exchange.py).
+                raise UpstreamBroken(
+                    "upstream switched protocols (101) for a request that did not ask to"
+                ) from None
+            raise UpstreamBroken(f"upstream sent an invalid response: {exc}") from None
+        if event is h11.NEED_DATA:
+            return None
+        if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+            raise UpstreamBroken("upstream connection ended unexpectedly")
+        assert isinstance(event, h11.Event)
+        return event
 
     def reusable(self) -> bool:
         """Start the next cycle if the connection is cleanly reusable; False if it must be closed."""

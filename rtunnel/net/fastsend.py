@@ -20,9 +20,10 @@ from typing import Final
 
 import trio
 
-__all__ = ["send_all", "send_nowait"]
+__all__ = ["DIRECT", "send_all", "send_nowait"]
 
 _POSIX: Final = os.name == "posix"
+DIRECT: Final = _POSIX  # send_nowait can write plain TCP streams here (elsewhere it never writes)
 _slow: set[int] = set()  # id() of streams with a write in trio's send_all right now
 
 

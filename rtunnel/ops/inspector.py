@@ -281,10 +281,14 @@ class _Tap:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
-    async def send_reply(self, head: ResponseHead, *, end_stream: bool = False) -> None:
-        await self._stream.send_reply(head, end_stream=end_stream)
+    async def send_reply(
+        self, head: ResponseHead, *, data: bytes | bytearray | memoryview = b"", end_stream: bool = False
+    ) -> None:
+        await self._stream.send_reply(head, data=data, end_stream=end_stream)
         if not head.is_interim:
             self._reply(head)
+        if data:
+            self._inspector._take(self._sent, data)
 
     async def send_data(self, data: bytes | bytearray | memoryview, *, end_stream: bool = False) -> None:
         await self._stream.send_data(data, end_stream=end_stream)

@@ -1,6 +1,10 @@
-"""An in-memory message transport pair for runtime tests: the same contract as rtunnel.link.transport.Transport
-(send/receive whole messages, TransportClosed at the end), without sockets; and a relay and an agent
-multiplexer connected over it."""
+"""An in-memory message transport pair for runtime tests: the same contract as
+rtunnel.link.transport.Transport (send/receive whole messages, TransportClosed at the end), without sockets; and
+a relay and an agent multiplexer connected over it.
+
+Like a Transport on plain TCP it offers send_nowait (the mux then writes from the stream's own task while the
+link is idle): a message that does not fit the channel's buffer is held and written by flush, as a socket's
+unwritten tail is. `DIRECT = False` (or direct=False) makes a pair without it, like a TLS link."""
 
 from __future__ import annotations
 
@@ -48,10 +52,55 @@ class MemoryTransport:
         self._receive.close()
 
 
-def memory_transport_pair(buffer: int = 4) -> tuple[MemoryTransport, MemoryTransport]:
+class DirectMemoryTransport(MemoryTransport):
+    def __init__(
+        self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        super().__init__(send, receive)
+        self._held: bytes | None = None
+        self.messages_held = 0  # messages send_nowait could not write at once
+
+    @property
+    def can_send_nowait(self) -> bool:
+        return self._held is None and not self.blackholed
+
+    def send_nowait(self, message: bytes | bytearray | memoryview) -> None:
+        assert self.can_send_nowait
+        try:
+            self._send.send_nowait(bytes(message))
+        except trio.WouldBlock:
+            self._held = bytes(message)
+            self.messages_held += 1
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._held = bytes(message)  # flush reports it
+            return
+        self.messages_sent += 1
+
+    @property
+    def send_pending(self) -> bool:
+        return self._held is not None
+
+    async def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            await MemoryTransport.send(self, held)
+
+    async def send(self, message: bytes | bytearray | memoryview) -> None:
+        await self.flush()
+        await super().send(message)
+
+
+DIRECT = True
+
+
+def memory_transport_pair(
+    buffer: int = 4, *, direct: bool | None = None
+) -> tuple[MemoryTransport, MemoryTransport]:
     a_send, b_receive = trio.open_memory_channel[bytes](buffer)
     b_send, a_receive = trio.open_memory_channel[bytes](buffer)
-    return MemoryTransport(a_send, a_receive), MemoryTransport(b_send, b_receive)
+    kind = DirectMemoryTransport if (DIRECT if direct is None else direct) else MemoryTransport
+    return kind(a_send, a_receive), kind(b_send, b_receive)
 
 
 class MuxPair(NamedTuple):

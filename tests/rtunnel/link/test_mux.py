@@ -9,13 +9,21 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import ErrorCode, RequestHead, ResponseHead, Settings
+from protocol import ErrorCode, RequestHead, ResponseHead, Role, Settings
 from rtunnel.link.mux import LinkDead, Multiplexer, MuxClosed, MuxStream, StreamReset
 from rtunnel.link.transport import TransportClosed
 
-from ..memtransport import MemoryTransport, MuxPair, mux_pair, start_pair
+from .. import memtransport
+from ..memtransport import MemoryTransport, MuxPair, memory_transport_pair, mux_pair, start_pair
 
 GET = RequestHead(b"GET", b"/", ((b"Host", b"x"),))
+
+
+@pytest.fixture(autouse=True, params=["direct", "writer-task"])
+def _direct_or_not(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test twice: with a transport the streams' tasks write to themselves while the link is idle (as
+    on ws://), and with one only the writer task sends on (as on wss://)."""
+    monkeypatch.setattr(memtransport, "DIRECT", request.param == "direct")
 
 
 async def echo_handler(stream: MuxStream) -> None:
@@ -288,3 +296,22 @@ async def test_interim_replies_piling_up_unread_reset_the_stream() -> None:
         assert relay.in_flight == 0
         relay.abort("done")
         agent.abort("done")
+
+
+async def test_writes_the_link_could_not_take_at_once_go_out_whole_and_in_order() -> None:
+    """One exchange at a time (its task writes its own frames) over a link that holds one message at a time:
+    the writes often find it full, so the message is held and the writer task sends it before anything else;
+    every body still arrives intact."""
+    t_relay, t_agent = memory_transport_pair(buffer=1, direct=True)
+    relay = Multiplexer(t_relay, Role.ACCEPTOR)
+    agent = Multiplexer(t_agent, Role.DIALER, handler=echo_handler)
+    bodies = [os.urandom(n) for n in (1, 5000, 200_000, 700_000)] * 2
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await nursery.start(relay.run)
+        results = [await exchange(relay, body) for body in bodies]
+        nursery.cancel_scope.cancel()
+    assert [hashlib.sha256(r).digest() for r in results] == [hashlib.sha256(b).digest() for b in bodies]
+    assert isinstance(t_relay, memtransport.DirectMemoryTransport)
+    assert isinstance(t_agent, memtransport.DirectMemoryTransport)
+    assert t_relay.messages_held > 0 and t_agent.messages_held > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from types import ModuleType
 
 import pytest
@@ -214,7 +215,9 @@ async def test_message_over_limit_closes_with_1009(tr: ModuleType, nursery: trio
 
 
 async def _sansio_client(url: str) -> tuple[trio.SocketStream, ClientProtocol]:
-    """An independent WebSocket client: our own socket, the websockets sans-IO core, no library loop."""
+    """An independent WebSocket client: our own socket, the websockets sans-IO core, no library loop.
+
+    Frames that arrived in the same read as the handshake response are kept for _frames_until."""
     _, host, port, path = parse_relay_url(url)
     stream = await trio.open_tcp_stream(host, port)
     proto = ClientProtocol(WebSocketURI(False, host, port, path, ""), subprotocols=[Subprotocol(SUBPROTOCOL)])
@@ -222,14 +225,20 @@ async def _sansio_client(url: str) -> tuple[trio.SocketStream, ClientProtocol]:
     request.headers["Authorization"] = "Bearer " + TOKEN
     proto.send_request(request)
     await stream.send_all(b"".join(proto.data_to_send()))
-    while not proto.events_received():
+    events: list[object] = []
+    while not events:
         proto.receive_data(await stream.receive_some())
+        events = proto.events_received()
     assert proto.handshake_exc is None
+    _early[id(proto)] = [e for e in events if isinstance(e, Frame)]
     return stream, proto
 
 
+_early: dict[int, list[Frame]] = {}  # per client protocol: frames read together with its handshake response
+
+
 async def _frames_until(stream: trio.SocketStream, proto: ClientProtocol, opcode: Opcode) -> list[Frame]:
-    frames: list[Frame] = []
+    frames: list[Frame] = _early.pop(id(proto), [])
     while not any(f.opcode is opcode for f in frames):
         data = await stream.receive_some()
         assert data, "EOF before the expected frame"
@@ -370,3 +379,55 @@ async def test_websocket_pings_count_against_the_protocols_ping_budget(
     assert [g.error_code for g in goaways] == [ErrorCode.ENHANCE_YOUR_CALM]
     assert [getattr(f, "error_code", None) for f in failures] == [ErrorCode.ENHANCE_YOUR_CALM]
     assert pongs < 1000  # the budget's burst (50) plus its refill, not the 20,000 asked for
+
+
+# --------------------------------------------------------------------------------------------
+# writing without waiting (send_nowait), as the mux does while the link is idle
+
+
+async def test_send_nowait_holds_what_the_kernel_did_not_take_and_writes_it_first(
+    tr: ModuleType, nursery: trio.Nursery
+) -> None:
+    """Messages written with send_nowait to a peer that does not read: once the socket is full the rest of a
+    frame is held (can_send_nowait turns False), and flush, then send, deliver every message whole and in
+    order once the peer reads."""
+    start_reading = trio.Event()
+    received: list[bytes] = []
+    got_last = trio.Event()
+
+    async def slow_reader(t: Transport) -> None:
+        await start_reading.wait()
+        with contextlib.suppress(_impl(t).TransportClosed):
+            while True:
+                received.append(await t.receive())
+                if received[-1] == b"last":
+                    got_last.set()
+
+    url = await _start_relay(tr, nursery, slow_reader)
+    async with tr.connect(url, token=TOKEN, ssl_context=None) as t:
+        sent: list[bytes] = []
+        while t.can_send_nowait:
+            message = bytes([len(sent) % 251]) * (200 * 1024 + len(sent))
+            t.send_nowait(message)
+            sent.append(message)
+            assert len(sent) < 10_000, "the socket never filled up"
+        assert t.send_pending
+        start_reading.set()
+        with trio.fail_after(10):
+            await t.flush()
+            assert not t.send_pending and t.can_send_nowait
+            await t.send(b"last")
+            sent.append(b"last")
+            await got_last.wait()
+    assert received == sent
+
+
+async def test_send_nowait_is_not_offered_over_tls(
+    tr: ModuleType, nursery: trio.Nursery, server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    """TLS writes go through the SSL object: a wss:// link always sends through send()."""
+    url = await _start_relay(tr, nursery, _echo, scheme="wss", ssl_context=server_ssl)
+    async with tr.connect(url, token=TOKEN, ssl_context=client_ssl) as t:
+        assert not t.can_send_nowait
+        await t.send(b"through TLS")
+        assert await t.receive() == b"through TLS"
