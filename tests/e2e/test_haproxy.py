@@ -1,7 +1,7 @@
 """Two relays behind HAProxy (TCP mode), one agent dialing both: losing a relay loses no request.
 
-This is the deployment README describes: relays share no state, so clients reach them through an ordinary TCP
-load balancer, and every agent keeps one connection to each relay (`rtunnel dial URL1 URL2`).
+This is the deployment docs/operations.md describes: relays share no state, so clients reach them through an
+ordinary TCP load balancer, and every agent keeps one connection to each relay (`rtunnel dial URL1 URL2`).
 
 HAProxy comes from the distribution's packages (.ci/run installs it). Outside CI (env CI unset) the test is
 skipped when the binary is absent; in CI it must run.
@@ -163,7 +163,8 @@ async def test_two_relays_behind_haproxy_survive_the_loss_of_one(
 
 def haproxy_proxy_protocol_config(front: int, relay_port: int, send: str) -> str:
     # The PROXY header is HAProxy's way to tell an L4 backend who the client is (`send-proxy` v1 text,
-    # `send-proxy-v2` binary), the same as README's "several relays" configuration.
+    # `send-proxy-v2` binary), the same as the configuration in docs/operations.md ("The client's address
+    # behind the balancer").
     server = f"    server relay1 127.0.0.1:{relay_port} {send} check inter 100ms"
     return TCP_CONFIG.format(front=front, defaults="", backend=server)
 

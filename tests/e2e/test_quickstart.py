@@ -4,11 +4,9 @@ for the two machines, with `relay.example.com` as `localhost` and ports kept for
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import trio
 
 from ..ports import reserved_port
 from .procs import REPO_ROOT, Agent, Relay, http_client, run_process
+from .test_docs_examples import shell_env
 from .upstream import Upstream
 
 pytestmark = pytest.mark.e2e
@@ -43,22 +42,13 @@ def as_script(block: str, directory: Path) -> str:
     return "\n".join(["set -eu", f"cd {shlex.quote(str(directory))}", *setup, f"exec {last}"])
 
 
-def rtunnel_on_path(bin_dir: Path) -> dict[str, str]:
-    """`rtunnel` as the README calls it: this interpreter's, whether or not its script is installed."""
-    bin_dir.mkdir()
-    script = bin_dir / "rtunnel"
-    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m rtunnel "$@"\n')
-    script.chmod(0o755)
-    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
 async def test_two_machine_quickstart_as_written(tmp_path: Path, upstream: Upstream) -> None:
     relay_block, agent_block, client_block = quickstart_blocks()
     assert "rtunnel cert --host relay.example.com" in relay_block and "rtunnel token" in relay_block
     assert "--ca ca.pem" in agent_block and "--upstream 5000" in agent_block
     with reserved_port() as http, reserved_port() as agents:
         ports = {"http": http, "agents": agents, "upstream": upstream.port}
-        env = rtunnel_on_path(tmp_path / "bin")
+        env = shell_env(tmp_path)
         relay_dir, agent_dir = tmp_path / "relay-machine", tmp_path / "agent-machine"
         relay_dir.mkdir()
         agent_dir.mkdir()

@@ -168,7 +168,8 @@ async def test_a_401_is_retried_slowly_and_logged_as_an_error(
         await relay.wait_sessions(1)
         nursery.cancel_scope.cancel()
     times = [t for _, t in relay.attempts]
-    # 60 s, as README documents: the value itself, not whatever the module's constant happens to be.
+    # 60 s, as docs/operations.md ("Outages") documents: the value itself, not whatever the module's
+    # constant happens to be.
     assert [b - a for a, b in itertools.pairwise(times)] == [60.0, 60.0]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 2

@@ -374,7 +374,8 @@ def test_the_command_exits_2_with_one_line(tmp_path: Path, text: str, expected: 
 
 
 async def test_relay_and_agent_run_from_config_files(tmp_path: Path) -> None:
-    """The README's example, for real: both sides configured by files, the secret from the environment."""
+    """docs/configuration.md's example, for real: both sides configured by files, the secret from the
+    environment."""
     token = secrets.token_urlsafe(16)
     relay_toml = write(
         tmp_path,
