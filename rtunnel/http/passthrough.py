@@ -20,6 +20,7 @@ import dataclasses
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 
 import trio
 
@@ -115,23 +116,41 @@ async def pump(
     try:
         async with trio.open_nursery() as nursery:
 
-            def fail(why: str) -> None:
-                if result.error is None:
-                    result.error = why
-                nursery.cancel_scope.cancel()
-
-            async def direction(copy: Callable[..., Awaitable[None]], *args: object) -> None:
+            async def direction(
+                source: trio.abc.ReceiveStream,
+                sink: trio.abc.SendStream,
+                first: bytes,
+                count: Callable[[int], None],
+                end: Callable[[], Awaitable[bool]],
+            ) -> None:
                 nonlocal ended
-                await copy(*args)
-                if result.error is None:
-                    ended += 1
-                    if ended == 1:  # the other direction now has half_close_timeout to end too
-                        nursery.cancel_scope.deadline = trio.current_time() + half_close_timeout
+                try:
+                    await _copy(source, sink, first, count)
+                    half_closed = await end()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    if result.error is None:
+                        result.error = _failure(exc, what)
+                    nursery.cancel_scope.cancel()
+                    return
+                if not half_closed:
+                    nursery.cancel_scope.cancel()  # the session is over in both directions
+                    return
+                ended += 1
+                if ended == 1:  # the other direction now has half_close_timeout to end too
+                    nursery.cancel_scope.deadline = trio.current_time() + half_close_timeout
 
-            nursery.start_soon(direction, _socket_to_stream, stream, sock, initial, result, fail, what)
-            nursery.start_soon(
-                direction, _stream_to_socket, stream, sock, result, fail, what, nursery.cancel_scope
-            )
+            def into_stream(size: int) -> None:
+                result.into_stream += size
+
+            def out_of_stream(size: int) -> None:
+                result.out_of_stream += size
+
+            async def end_stream() -> bool:
+                await stream.send_eof()  # END_STREAM: failing to send it fails the session
+                return True
+
+            nursery.start_soon(direction, sock, stream, initial, into_stream, end_stream)
+            nursery.start_soon(direction, stream, sock, b"", out_of_stream, partial(_half_close, sock))
         if result.error is None and ended == 1 and trio.current_time() >= nursery.cancel_scope.deadline:
             result.error = f"half-closed for {half_close_timeout:g} s without the other direction ending"
         clean = result.error is None
@@ -142,56 +161,33 @@ async def pump(
     return result
 
 
-async def _socket_to_stream(
-    stream: MuxStream,
-    sock: trio.abc.Stream,
-    initial: bytes,
-    result: Pumped,
-    fail: Callable[[str], None],
-    what: str,
+async def _copy(
+    source: trio.abc.ReceiveStream, sink: trio.abc.SendStream, first: bytes, count: Callable[[int], None]
 ) -> None:
-    try:
-        if initial:
-            await stream.send_data(initial)
-            result.into_stream += len(initial)
-        while True:
-            try:
-                data = await sock.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                fail(f"{what} connection failed: {exc.__cause__ or exc or type(exc).__name__}")
-                return
-            if not data:
-                break
-            await stream.send_data(data)
-            result.into_stream += len(data)
-        await stream.send_end()  # the TCP peer half-closed: so does the stream
-    except StreamReset as exc:
-        fail(str(exc))
+    """One direction: what `source` gives (after `first`) into `sink`, until the source ends."""
+    data: bytes | bytearray = first
+    while True:
+        if data:
+            await sink.send_all(data)
+            count(len(data))
+        data = await source.receive_some(READ_SIZE)
+        if not data:
+            return
 
 
-async def _stream_to_socket(
-    stream: MuxStream,
-    sock: trio.abc.Stream,
-    result: Pumped,
-    fail: Callable[[str], None],
-    what: str,
-    scope: trio.CancelScope,
-) -> None:
-    try:
-        while data := await stream.receive_data(READ_SIZE):
-            await sock.send_all(data)
-            result.out_of_stream += len(data)
-    except StreamReset as exc:
-        fail(str(exc))
-        return
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        fail(f"{what} connection failed: {exc.__cause__ or exc or type(exc).__name__}")
-        return
-    if isinstance(sock, trio.abc.HalfCloseableStream):
-        # END_STREAM arrived: pass it on as a FIN; the other direction goes on until its own end.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await sock.send_eof()
-        return
-    # A TLS connection cannot be half-closed: the session ends here, in both directions (the caller's
-    # MuxStream.close() then resets whatever of our direction is still open).
-    scope.cancel()
+async def _half_close(sock: trio.abc.Stream) -> bool:
+    """Pass the stream's END on to the TCP peer as a FIN; False if `sock` cannot be half-closed (TLS): the
+    session then ends in both directions (the caller's MuxStream.close() resets what of ours is open)."""
+    if not isinstance(sock, trio.abc.HalfCloseableStream):
+        return False
+    # If the TCP peer no longer takes a FIN, its own direction tells how the session ends.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await sock.send_eof()
+    return True
+
+
+def _failure(exc: BaseException, what: str) -> str:
+    """Why a session failed: the stream's reset as it was reported, or the TCP peer's error."""
+    if isinstance(exc.__cause__, StreamReset):
+        return str(exc.__cause__)
+    return f"{what} connection failed: {exc.__cause__ or exc or type(exc).__name__}"

@@ -6,22 +6,20 @@ Three tasks per connection, all in a nursery `Multiplexer.run` owns:
   since the core credits only what the application consumed);
 - the writer drains everything the core has pending into one WebSocket message per send (a message costs
   far more than a frame). With a single exchange on the link, and a plain TCP link with nothing queued, the
-  exchange's own task writes its frames instead (see _wake_writer): a scheduler pass less on each end per
+  exchange's own task writes its frames instead (see wake_writer): a scheduler pass less on each end per
   message. The writer takes over whatever the kernel did not take at once;
-- the heartbeat pings an idle link and declares the peer dead when nothing at all has arrived for
-  `dead_timeout`, or when one send has been stuck that long. It never waits behind data: it only reads clocks.
-  It also reaps stalled streams: one with data queued whose peer granted no window for `stall_timeout` is
-  reset with CANCEL, so a peer that never reads (or lies about its windows) cannot pin a stream forever.
-Streams the peer opens are handed to `handler`, each in its own task in the same nursery.
+- the heartbeat (link/heartbeat.py) pings an idle link and declares the peer dead when nothing at all has
+  arrived for `dead_timeout`, or when one send has been stuck that long. It also reaps stalled streams: one
+  with data queued whose peer granted no window for `stall_timeout` is reset with CANCEL, so a peer that never
+  reads (or lies about its windows) cannot pin a stream forever.
+Streams the peer opens are handed to `handler`, each in its own task in the same nursery. A stream (MuxStream,
+link/stream.py) counts in `in_flight` until its owner releases it, even after a RESET.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import struct
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 import trio
@@ -38,7 +36,6 @@ from protocol import (
     RemoteProtocolError,
     ReplyReceived,
     RequestHead,
-    ResponseHead,
     Role,
     Settings,
     StreamEnded,
@@ -51,6 +48,8 @@ from protocol import (
     StreamReset as StreamResetEvent,
 )
 
+from .heartbeat import Heartbeat, LinkDead
+from .stream import SEND_HIGH_WATER, MuxStream, StreamReset
 from .transport import (
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
@@ -59,18 +58,25 @@ from .transport import (
     TransportClosed,
 )
 
+__all__ = [
+    "MAX_MESSAGE",
+    "SEND_HIGH_WATER",
+    "DirectTransport",
+    "LinkDead",
+    "Multiplexer",
+    "MuxClosed",
+    "MuxStream",
+    "PingingTransport",
+    "StreamReset",
+    "TransportLike",
+    "close_code",
+]
+
 log = logging.getLogger("rtunnel.mux")
 
 # One WebSocket message carries at most this much: large enough to amortise the per-message cost, small
 # enough that a small exchange queued behind bulk data waits at most one message.
 MAX_MESSAGE = 256 * 1024
-# A stream's writer waits once this much of its data is queued in the core but not yet framed.
-SEND_HIGH_WATER = 128 * 1024
-# Response heads (interim 1xx ones, any number of which may precede the final one) received on one stream and
-# not yet taken by receive_reply: beyond this, the stream is reset.
-MAX_PENDING_REPLIES = 64
-
-_PING = struct.Struct(">Q")
 
 
 class TransportLike(Protocol):
@@ -101,22 +107,6 @@ class PingingTransport(Protocol):
     on_ping: Callable[[], None] | None
 
 
-class StreamReset(Exception):
-    """The stream ended abnormally: reset by the peer, by us, or lost with its connection.
-
-    `retryable` is True when the peer cannot have processed it (refused, above a GOAWAY, or never written),
-    so sending the request again elsewhere cannot apply it twice.
-    """
-
-    def __init__(self, error_code: ErrorCode, *, remote: bool, retryable: bool, reason: str = "") -> None:
-        self.error_code = error_code
-        self.remote = remote
-        self.retryable = retryable
-        self.reason = reason
-        who = "peer" if remote else "local"
-        super().__init__(f"stream reset ({who}, {error_code.name}){': ' + reason if reason else ''}")
-
-
 def close_code(error: BaseException) -> int:
     """The WebSocket close code that ends a connection after `error` (SPEC 2): 1002 after a GOAWAY for a
     connection error, 1008 for ENHANCE_YOUR_CALM (the transport turns it into 1003 after a text message)."""
@@ -129,216 +119,6 @@ def close_code(error: BaseException) -> int:
 
 class MuxClosed(Exception):
     """The connection is gone or draining: no new stream can be opened on it."""
-
-
-class LinkDead(Exception):
-    """Nothing arrived from the peer for too long, or a send was stuck too long."""
-
-
-class MuxStream:
-    """One exchange on the connection. Only one task reads and one task writes a stream at a time."""
-
-    def __init__(self, mux: Multiplexer, stream_id: int, request_head: RequestHead | None) -> None:
-        self._mux = mux
-        self.stream_id = stream_id
-        self.request_head = request_head
-        self.trailers: tuple[tuple[bytes, bytes], ...] | None = None
-        # A list, not a deque: at most MAX_PENDING_REPLIES heads, and an empty deque takes 760 bytes, which
-        # every open stream (a held long poll) would keep.
-        self._replies: list[ResponseHead] = []
-        self._chunks: deque[memoryview] = deque()
-        self._buffered = 0
-        self._ended = False
-        self._error: StreamReset | None = None
-        self._readable = trio.Event()
-        self._writable = trio.Event()
-        # Set once, on failure; any number of tasks may wait on it (unlike _readable/_writable, which belong
-        # to the one reader and the one writer of the stream).
-        self._cancel_on_fail: list[trio.CancelScope] = []
-        self.closed = False
-        self._sent_end = False
-        self._stalled_since: float | None = None  # since when data waits for a window the peer won't open
-        self.bytes_received = 0
-        self.bytes_sent = 0
-
-    # -- sending -----------------------------------------------------------------------------------
-
-    async def send_reply(
-        self, head: ResponseHead, *, data: bytes | bytearray | memoryview = b"", end_stream: bool = False
-    ) -> None:
-        """Send a response head; with `data`, the first body bytes too (at most SEND_HIGH_WATER): a small
-        response already complete goes out as one message, since each call puts its frames on the wire."""
-        self._check_alive()
-        conn = self._mux._conn
-        if data:
-            if len(data) > SEND_HIGH_WATER:
-                raise ValueError("send_reply takes at most SEND_HIGH_WATER bytes of data")
-            conn.send_reply(self.stream_id, head)
-            conn.send_data(self.stream_id, data, end_stream=end_stream)
-            self.bytes_sent += len(data)
-        else:
-            conn.send_reply(self.stream_id, head, end_stream=end_stream)
-        self._sent_end = self._sent_end or end_stream
-        self._mux._wake_writer()
-
-    async def send_data(self, data: bytes | bytearray | memoryview, *, end_stream: bool = False) -> None:
-        conn = self._mux._conn
-        stalled = False
-        while True:
-            self._check_alive()
-            if conn.outbound_buffered(self.stream_id) < SEND_HIGH_WATER:
-                break
-            if not stalled:  # counted once per call, however many wake-ups it takes
-                stalled = True
-                self._mux.send_stalls += 1
-            self._writable = trio.Event()
-            self._mux._blocked_writers.add(self)
-            await self._writable.wait()
-        conn.send_data(self.stream_id, data, end_stream=end_stream)
-        self._sent_end = self._sent_end or end_stream
-        self.bytes_sent += len(data)
-        self._mux._wake_writer()
-
-    @property
-    def send_would_wait(self) -> bool:
-        """send_data would wait for the peer's window: this stream's unsent data is at its high water."""
-        return self._mux._conn.outbound_buffered(self.stream_id) >= SEND_HIGH_WATER
-
-    async def send_end(self) -> None:
-        await self.send_data(b"", end_stream=True)
-
-    async def send_trailers(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
-        self._check_alive()
-        self._mux._conn.send_trailers(self.stream_id, headers)
-        self._sent_end = True
-        self._mux._wake_writer()
-
-    # -- receiving ---------------------------------------------------------------------------------
-
-    async def receive_reply(self) -> ResponseHead:
-        while not self._replies:
-            if self._error is not None:
-                raise self._error
-            if self._ended or self._chunks:
-                raise StreamReset(
-                    ErrorCode.PROTOCOL_ERROR, remote=True, retryable=False, reason="no reply head"
-                )
-            await self._wait_readable()
-        return self._replies.pop(0)
-
-    async def receive_data(self, max_bytes: int = 65536) -> bytes:
-        """Next bytes of the peer's direction; b"" once it ended. Credits the window as bytes are taken."""
-        while (data := self.receive_data_nowait(max_bytes)) is None:
-            await self._wait_readable()
-        return data
-
-    def receive_data_nowait(self, max_bytes: int = 65536) -> bytes | None:
-        """Like receive_data, but None instead of waiting: lets a caller batch what already arrived (a small
-        response's head, body and end) into one socket write."""
-        if not self._chunks:
-            if self._ended:
-                return b""  # complete: a RESET that came after END_STREAM takes nothing away
-            if self._error is not None:
-                raise self._error
-            return None
-        chunk = self._chunks[0]
-        if len(chunk) <= max_bytes:
-            self._chunks.popleft()
-        else:
-            self._chunks[0] = chunk[max_bytes:]
-            chunk = chunk[:max_bytes]
-        size = len(chunk)
-        self._buffered -= size
-        if not self.closed:  # a forgotten stream's bytes already left the total
-            self._mux._buffered_total -= size
-        self.bytes_received += size
-        mux = self._mux
-        if mux._conn.state is not ConnectionState.CLOSED:
-            mux._conn.acknowledge_received_data(self.stream_id, size)
-            mux._wake_writer()
-        return bytes(chunk)
-
-    @property
-    def peer_name(self) -> str:
-        """The name of the connection the stream belongs to (e.g. "relay wss://...")."""
-        return self._mux.name
-
-    @property
-    def at_eof(self) -> bool:
-        return self._ended and not self._chunks
-
-    def cancel_on_reset(self, scope: trio.CancelScope) -> None:
-        """Cancel `scope` when the stream fails (reset by either side, or lost with its connection): lets a
-        handler notice a peer's RESET while it waits elsewhere, e.g. on its upstream after the request body
-        ended, where receive_data would only return b"" (END wins over a later RESET). A scope, not a watcher
-        task: the agent does this for every exchange, and a task plus a nursery each showed in profiles."""
-        if self._error is not None:
-            scope.cancel()
-        else:
-            self._cancel_on_fail.append(scope)
-
-    @property
-    def error(self) -> StreamReset | None:
-        return self._error
-
-    def reset(self, code: ErrorCode = ErrorCode.CANCEL) -> None:
-        """Abort the stream (idempotent). Later calls on it raise StreamReset."""
-        if self._error is None:
-            self._fail(StreamReset(code, remote=False, retryable=False, reason="reset locally"))
-        mux = self._mux
-        if mux._conn.state is not ConnectionState.CLOSED:
-            mux._conn.reset_stream(self.stream_id, code)
-            mux._wake_writer()
-        mux._forget(self)
-
-    def close(self) -> None:
-        """Release the stream once its exchange is over.
-
-        A stream whose both directions ended is simply forgotten. If only our direction ended (a complete
-        response to a request whose body we did not read), the rest of the peer's body is refused with
-        RESET(NO_ERROR) once our last frame is out, as HTTP/2 does. Anything else is abandoned: RESET(CANCEL).
-        """
-        if self.closed:
-            return
-        mux = self._mux
-        conn = mux._conn
-        if self._error is None and conn.state is not ConnectionState.CLOSED:
-            state = conn.stream_state(self.stream_id)
-            if state is StreamState.CLOSED:
-                unacknowledged = conn.received_unacknowledged(self.stream_id)
-                if unacknowledged:
-                    conn.acknowledge_received_data(self.stream_id, unacknowledged)
-                    mux._wake_writer()
-            elif self._sent_end:
-                mux._reset_after_flush.append(self.stream_id)
-                unacknowledged = conn.received_unacknowledged(self.stream_id)
-                if unacknowledged:
-                    conn.acknowledge_received_data(self.stream_id, unacknowledged)
-                mux._wake_writer()
-            else:
-                self.reset(ErrorCode.CANCEL)
-                return
-        self._chunks.clear()
-        mux._forget(self)
-
-    # -- internals ---------------------------------------------------------------------------------
-
-    def _check_alive(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    async def _wait_readable(self) -> None:
-        self._readable = trio.Event()
-        await self._readable.wait()
-
-    def _fail(self, error: StreamReset) -> None:
-        if self._error is None:
-            self._error = error
-        self._readable.set()
-        self._writable.set()
-        for scope in self._cancel_on_fail:
-            scope.cancel()
-        self._cancel_on_fail.clear()
 
 
 class Multiplexer:
@@ -375,16 +155,9 @@ class Multiplexer:
         self._stream_slot = trio.Event()
         self._closed = False
         self.close_reason = ""
-        self.ping_interval = ping_interval
-        self.dead_timeout = dead_timeout
         self.handshake_timeout = handshake_timeout
-        self.stall_timeout = stall_timeout  # None: never reap stalled streams
         self.name = name
-        self._last_received = trio.current_time()
-        self._send_started: float | None = None
-        self._ping_ids = itertools.count(1)
-        self._pings_sent: dict[bytes, float] = {}
-        self.rtt: float | None = None
+        self._beat = Heartbeat(ping_interval, dead_timeout, stall_timeout)
         self.send_stalls = 0  # send_data calls that had to wait for flow-control room (metrics)
         self._confirmed_open_id = 0
         self.goaway_received = False
@@ -400,8 +173,14 @@ class Multiplexer:
 
     @property
     def in_flight(self) -> int:
-        """Exchanges not yet finished on this connection (for least-loaded routing)."""
+        """Exchanges not yet finished on this connection (least-loaded routing, metrics, the drain): a stream
+        counts until its owner releases it, also after a RESET either way, since its task still runs."""
         return len(self._streams)
+
+    @property
+    def rtt(self) -> float | None:
+        """The round-trip time of the last ping answered, None before the first."""
+        return self._beat.rtt
 
     @property
     def buffered_bytes(self) -> int:
@@ -433,9 +212,9 @@ class Multiplexer:
                 break
             await self._wait_stream_slot()
         stream_id = self._conn.open_stream(head, end_stream=end_stream)
-        stream = MuxStream(self, stream_id, None)
+        stream = MuxStream(self, self._conn, stream_id, None)
         self._streams[stream_id] = stream
-        self._wake_writer()
+        self.wake_writer()
         return stream
 
     def goaway(self, error_code: ErrorCode = ErrorCode.NO_ERROR, debug: bytes = b"") -> None:
@@ -443,7 +222,7 @@ class Multiplexer:
         if self._conn.state is ConnectionState.CLOSED:
             return
         self._conn.goaway(error_code, debug)
-        self._wake_writer()
+        self.wake_writer()
 
     async def wait_idle(self) -> None:
         """Wait until no stream is left (used by graceful drain, under the caller's timeout)."""
@@ -475,7 +254,7 @@ class Multiplexer:
                 self._cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._guard, self._reader)
                 nursery.start_soon(self._guard, self._writer)
-                self._wake_writer()
+                self.wake_writer()
                 with trio.move_on_after(self.handshake_timeout):
                     await self._ready.wait()
                 if not self._ready.is_set() or self._failure is not None:
@@ -511,11 +290,12 @@ class Multiplexer:
     async def _reader(self) -> None:
         conn = self._conn
         streams = self._streams
+        beat = self._beat
         while True:
             try:
                 message = await self._transport.receive()
                 now = trio.current_time()
-                self._last_received = now
+                beat.last_received = now
                 events = conn.receive_data(message, now)
             except TextMessage as exc:
                 raise await self._connection_error(conn.fail(exc.reason)) from None
@@ -528,47 +308,39 @@ class Multiplexer:
                     if stream is None:
                         conn.acknowledge_received_data(event.stream_id, len(event.data))
                         continue
-                    stream._chunks.append(event.data)
-                    stream._buffered += len(event.data)
+                    stream.data_received(event.data)
                     self._buffered_total += len(event.data)
-                    stream._readable.set()
                 else:
                     self._dispatch(event)
             if conn.has_data_to_send:
-                self._wake_writer()
+                self.wake_writer()
 
     def _dispatch(self, event: object) -> None:
         streams = self._streams
         if isinstance(event, StreamEnded):
             stream = streams.get(event.stream_id)
             if stream is not None:
-                stream._ended = True
-                stream._readable.set()
+                stream.end_received()
         elif isinstance(event, ReplyReceived):
             stream = streams.get(event.stream_id)
-            if stream is not None:
-                if len(stream._replies) >= MAX_PENDING_REPLIES:
-                    # Interim heads are not flow-controlled: a peer must not pile them up without limit.
-                    stream.reset(ErrorCode.ENHANCE_YOUR_CALM)
-                    return
-                stream._replies.append(event.head)
-                stream._readable.set()
+            if stream is not None and not stream.reply_received(event.head):
+                # Interim heads are not flow-controlled: a peer must not pile them up without limit.
+                stream.abort(ErrorCode.ENHANCE_YOUR_CALM)
         elif isinstance(event, StreamOpened):
             self._on_stream_opened(event)
         elif isinstance(event, TrailersReceived):
             stream = streams.get(event.stream_id)
             if stream is not None:
-                stream.trailers = event.headers
+                stream.trailers_received(event.headers)
         elif isinstance(event, StreamResetEvent):
-            stream = streams.pop(event.stream_id, None)
+            # The stream stays until its owner releases it: its task is still finishing the exchange.
+            stream = streams.get(event.stream_id)
             if stream is not None:
                 retryable = event.error_code is ErrorCode.REFUSED_STREAM and event.remote
-                stream._fail(StreamReset(event.error_code, remote=event.remote, retryable=retryable))
-                self._stream_slot.set()
+                stream.fail(StreamReset(event.error_code, remote=event.remote, retryable=retryable))
+                self._stream_slot.set()  # the core's slot is free: open_stream may go on
         elif isinstance(event, PingAcknowledged):
-            sent = self._pings_sent.pop(event.data, None)
-            if sent is not None:
-                self.rtt = trio.current_time() - sent
+            self._beat.acknowledged(event.data)
         elif isinstance(event, GoAwayReceived):
             self.goaway_received = True
             log.info(
@@ -586,13 +358,13 @@ class Multiplexer:
             # Any credit is progress: restart the stall clock of the stream(s) it can unblock.
             if event.stream_id == 0:
                 for stream in streams.values():
-                    stream._stalled_since = None
+                    stream.window_granted()
             elif (stream := streams.get(event.stream_id)) is not None:
-                stream._stalled_since = None
+                stream.window_granted()
         # PingReceived needs nothing beyond waking the writer, done by the reader.
 
     def _on_stream_opened(self, event: StreamOpened) -> None:
-        stream = MuxStream(self, event.stream_id, event.head)
+        stream = MuxStream(self, self._conn, event.stream_id, event.head)
         if self._handler is None or self._nursery is None:
             self._conn.reset_stream(event.stream_id, ErrorCode.REFUSED_STREAM)
             return
@@ -612,79 +384,82 @@ class Multiplexer:
             stream.close()
 
     async def _writer(self) -> None:
-        """Sends what the streams' own tasks could not write at once (see _wake_writer)."""
+        """Sends what the streams' own tasks could not write at once (see wake_writer)."""
         conn = self._conn
         send = self._transport.send
         direct = self._direct
+        beat = self._beat
         while True:
             await self._writer_wakeup.wait()
             self._writer_wakeup = trio.Event()
             self._writer_busy = True
             try:
                 if direct is not None and direct.send_pending:
-                    self._send_started = trio.current_time()
+                    beat.send_started = trio.current_time()
                     await direct.flush()
-                    self._send_started = None
+                    beat.send_started = None
                     self._sent(self._held_open_id)
                 while True:
                     data = conn.data_to_send(MAX_MESSAGE)
                     if not data:
                         break
                     opened = conn.highest_emitted_local_stream_id
-                    self._send_started = trio.current_time()
+                    beat.send_started = trio.current_time()
                     await send(data)
-                    self._send_started = None
+                    beat.send_started = None
                     self._sent(opened)
             finally:
                 self._writer_busy = False
 
     async def _heartbeat(self) -> None:
-        interval = min(self.ping_interval, self.dead_timeout / 4)
-        if self.stall_timeout is not None:
-            interval = min(interval, self.stall_timeout / 4)
-        while True:
-            await trio.sleep(interval)
-            now = trio.current_time()
-            silent = now - self._last_received
-            if silent >= self.dead_timeout:
-                self.close_reason = f"no data from the peer for {silent:.1f} s"
-                raise LinkDead(self.close_reason)
-            started = self._send_started
-            if started is not None and now - started >= self.dead_timeout:
-                self.close_reason = f"a send has been stuck for {now - started:.1f} s"
-                raise LinkDead(self.close_reason)
-            if silent >= self.ping_interval and self._conn.state is ConnectionState.OPEN:
-                opaque = _PING.pack(next(self._ping_ids))
-                if len(self._pings_sent) > 16:
-                    self._pings_sent.clear()  # unanswered pings: RTT is moot, don't grow
-                self._pings_sent[opaque] = now
-                self._conn.ping(opaque)
-                self._wake_writer()
-            if self.stall_timeout is not None:
-                self._reap_stalled(now, self.stall_timeout)
+        try:
+            await self._beat.run(self._ping, self._reap_stalled)
+        except LinkDead as exc:
+            self.close_reason = str(exc)
+            raise
+
+    def _ping(self, opaque: bytes) -> bool:
+        if self._conn.state is not ConnectionState.OPEN:
+            return False
+        self._conn.ping(opaque)
+        self.wake_writer()
+        return True
 
     def _reap_stalled(self, now: float, timeout: float) -> None:
         """Reset streams whose queued data found no window since `timeout` (checked at heartbeat pace)."""
-        conn = self._conn
         for stream in list(self._streams.values()):
-            stream_id = stream.stream_id
-            waiting = stream._error is None and conn.outbound_buffered(stream_id) > 0
-            if not waiting or conn.send_window(stream_id):
-                stream._stalled_since = None
-            elif stream._stalled_since is None:
-                stream._stalled_since = now
-            elif now - stream._stalled_since >= timeout:
+            stalled = stream.stalled_for(now)
+            if stalled is not None and stalled >= timeout:
                 log.warning(
                     "%s: stream %d reset: the peer granted no window for %.0f s",
                     self.name or "connection",
-                    stream_id,
-                    now - stream._stalled_since,
+                    stream.stream_id,
+                    stalled,
                 )
-                stream.reset(ErrorCode.CANCEL)
+                stream.abort(ErrorCode.CANCEL)  # its owner still releases it
+
+    # -- stream side: what a MuxStream asks of its multiplexer (stream.StreamHost) -----------------
+
+    def block_writer(self, stream: MuxStream, *, new_stall: bool) -> None:
+        if new_stall:
+            self.send_stalls += 1
+        self._blocked_writers.add(stream)
+
+    def consumed(self, size: int) -> None:
+        self._buffered_total -= size
+
+    def reset_after_flush(self, stream_id: int) -> None:
+        self._reset_after_flush.append(stream_id)
+
+    def release(self, stream: MuxStream, buffered: int) -> None:
+        self._buffered_total -= buffered
+        self._blocked_writers.discard(stream)
+        if self._streams.pop(stream.stream_id, None) is not None:
+            self._stream_slot.set()
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _wake_writer(self) -> None:
+    def wake_writer(self) -> None:
         """Put what the core has pending on the wire.
 
         With one exchange on the link (requests one at a time) the calling task writes it itself (_send_now):
@@ -732,7 +507,7 @@ class Multiplexer:
         released = [s for s in self._blocked_writers if conn.outbound_buffered(s.stream_id) < SEND_HIGH_WATER]
         for stream in released:
             self._blocked_writers.discard(stream)
-            stream._writable.set()
+            stream.room_made()
 
     def _reset_flushed(self) -> None:
         conn = self._conn
@@ -741,18 +516,10 @@ class Multiplexer:
             state = conn.stream_state(stream_id)
             if state is StreamState.HALF_CLOSED_LOCAL:
                 conn.reset_stream(stream_id, ErrorCode.NO_ERROR)
-                self._wake_writer()
+                self.wake_writer()
             elif state is not StreamState.CLOSED:
                 still_waiting.append(stream_id)
         self._reset_after_flush = still_waiting
-
-    def _forget(self, stream: MuxStream) -> None:
-        if not stream.closed:
-            self._buffered_total -= stream._buffered
-        stream.closed = True
-        self._blocked_writers.discard(stream)
-        if self._streams.pop(stream.stream_id, None) is not None:
-            self._stream_slot.set()
 
     async def _connection_error(self, exc: RemoteProtocolError) -> RemoteProtocolError:
         """The peer broke the protocol: send the GOAWAY the core queued for it (best effort, SPEC 10)."""
@@ -771,10 +538,9 @@ class Multiplexer:
         for stream in list(self._streams.values()):
             # A stream we opened whose OPEN never left in a completed send cannot have been processed.
             never_written = stream.request_head is None and stream.stream_id > unsent
-            stream._fail(
+            stream.lost(
                 StreamReset(ErrorCode.CANCEL, remote=False, retryable=never_written, reason=self.close_reason)
             )
-            stream.closed = True
         self._streams.clear()
         self._buffered_total = 0
         self._blocked_writers.clear()

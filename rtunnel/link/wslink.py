@@ -1,7 +1,8 @@
 """One established WebSocket link: whole binary messages in and out over a socket we own.
 
-Split from transport.py, which does the handshakes (connect, serve) and is the module the rest of rtunnel
-imports. I/O design (one link = one socket):
+The handshakes are in wsclient.py (connect) and wsserver.py (serve); transport.py is the module the rest of
+rtunnel imports. What they use of this one: the Transport they build (with the frames that came in behind the
+handshake), `Transport.running` for the link's lifetime, and the helpers and constants below that are public. I/O design (one link = one socket):
 - Reading: `receive()` itself is the reader (no reader task, no queue hop): it reads 64 KiB at a
   time under a read lock, feeds the protocol and hands out whole binary messages. The mux has one
   task looping on receive() that never blocks on anything else, so pings and Close frames are seen.
@@ -22,10 +23,12 @@ imports. I/O design (one link = one socket):
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import ssl
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Final, NoReturn
 
 import trio
 from websockets.client import ClientProtocol
@@ -44,12 +47,16 @@ from ..net.entropy import random_bytes
 
 SUBPROTOCOL = "rtunnel.v1"
 
+# On every refusal of an upgrade by serve() (SPEC.md section 2): a dialer that gets a response without it
+# reached something other than an rtunnel relay's agents listener.
+LISTENER_HEADER: Final = "Rtunnel-Listener"
+
 # The protocol allows frames up to 16 MiB - 1 plus a 9-byte header; the slack leaves room for a
 # few small frames coalesced with the largest one. Senders must not coalesce beyond this.
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024 + 64 * 1024
 
 # One read per 64 KiB: smaller reads multiply the per-call cost (trio checkpoint + syscall).
-_RECEIVE_SIZE = 65536
+RECEIVE_SIZE = 65536
 
 # Control frames (pongs) not yet written because a send is stuck. Each is at most 131 bytes; a
 # peer that keeps pinging while not reading what we send is broken or hostile.
@@ -61,7 +68,7 @@ _KEEP_FRAME_BUFFER = 1024 * 1024 + 14
 
 logger = logging.getLogger("rtunnel.transport")
 
-_SocketOrTLS = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+SocketOrTLS = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 class _LibraryLog(logging.LoggerAdapter[logging.Logger]):
@@ -72,7 +79,7 @@ class _LibraryLog(logging.LoggerAdapter[logging.Logger]):
         return level >= logging.WARNING and self.logger.isEnabledFor(level)
 
 
-_LIBRARY_LOG = _LibraryLog(logging.getLogger("rtunnel.transport.websockets"), {})
+LIBRARY_LOG = _LibraryLog(logging.getLogger("rtunnel.transport.websockets"), {})
 
 
 class TransportClosed(Exception):
@@ -96,7 +103,7 @@ CLOSE_UNSUPPORTED_DATA = 1003  # after a text message
 CLOSE_POLICY_VIOLATION = 1008  # after a GOAWAY with ENHANCE_YOUR_CALM
 
 
-def _describe_stream_error(exc: BaseException) -> str:
+def describe_stream_error(exc: BaseException) -> str:
     cause = exc.__cause__
     if isinstance(cause, ssl.SSLCertVerificationError):
         return f"TLS: certificate verify failed: {cause.verify_message}"
@@ -109,20 +116,6 @@ def _describe_stream_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _describe_os_error(exc: OSError) -> str:
-    """One line for a connect failure; trio's open_tcp_stream hides per-address errors in a group."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc.__cause__, ExceptionGroup):
-        parts: list[str] = []
-        for sub in exc.__cause__.exceptions:
-            text = _describe_os_error(sub) if isinstance(sub, OSError) else str(sub)
-            if text not in parts:
-                parts.append(text)
-        return "; ".join(parts)
-    return exc.strerror or str(exc)
-
-
 def _describe_close(close: Close) -> str:
     try:
         name = CloseCode(close.code).name
@@ -132,22 +125,14 @@ def _describe_close(close: Close) -> str:
     return f"{text} ({close.reason})" if close.reason else text
 
 
-def _peer(stream: _SocketOrTLS) -> str:
+def peer_name(stream: SocketOrTLS) -> str:
+    """The peer's "host:port" (for logs)."""
     sock = (stream.transport_stream if isinstance(stream, trio.SSLStream) else stream).socket
     try:
         host, port = sock.getpeername()[:2]
     except OSError:
         return "?"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _peer_address(stream: _SocketOrTLS) -> str:
-    """The peer's IP address alone (the unit of per-address limits)."""
-    sock = (stream.transport_stream if isinstance(stream, trio.SSLStream) else stream).socket
-    try:
-        return str(sock.getpeername()[0])
-    except OSError:
-        return "?"
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,8 +152,15 @@ class Transport:
     """One established WebSocket carrying binary messages. Built by connect() and serve()."""
 
     def __init__(
-        self, stream: _SocketOrTLS, proto: ClientProtocol | ServerProtocol, remote: str, close_timeout: float
+        self,
+        stream: SocketOrTLS,
+        proto: ClientProtocol | ServerProtocol,
+        remote: str,
+        close_timeout: float,
+        *,
+        received: Sequence[Request | Response | Frame] = (),
     ) -> None:
+        """`proto` has completed its handshake; `received`: frames it parsed right behind it."""
         self.remote = remote  # "host:port" of the peer, for logs
         # What the server's authenticate() returned for this link (e.g. the token group), None on clients.
         self.principal: object = None
@@ -195,6 +187,8 @@ class Transport:
         # send_nowait writes straight to a plain TCP socket (fastsend); through TLS every write is awaited.
         self._direct = type(stream) is trio.SocketStream and fastsend.DIRECT
         self._unsent: bytes | bytearray | memoryview | None = None  # a message's tail send_nowait left
+        if received:
+            self._handle(received)
 
     @property
     def closed(self) -> bool:
@@ -321,6 +315,33 @@ class Transport:
         self._aborted = True
         self._close_now("aborted locally")
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Transport]:
+        """Use the link in the block, its control-frame writer running meanwhile. Leaving the block normally
+        closes the link gracefully (bounded by close_timeout); leaving it with an exception (or cancelled)
+        aborts it first: the link may be stuck, and a Close would wait behind it. The block's exception
+        comes out as it was raised, not in a group."""
+        body_exc: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_control)
+                try:
+                    yield self
+                except BaseException as exc:
+                    body_exc = exc
+                    self.abort()
+                    raise
+                finally:
+                    await self.aclose()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            others = [e for e in group.exceptions if e is not body_exc]
+            if body_exc is not None and all(isinstance(e, trio.Cancelled) for e in others):
+                _reraise(body_exc)
+            raise
+        finally:
+            self.abort()  # no-op after aclose(); releases the socket on any other exit
+
     def __repr__(self) -> str:
         return f"<Transport remote={self.remote} closed={self.closed}>"
 
@@ -388,7 +409,7 @@ class Transport:
         try:
             await fastsend.send_all(self._stream, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._fail(_describe_stream_error(exc))
+            self._fail(describe_stream_error(exc))
             return False
         except BaseException:
             # Cancelled (or worse) partway through a frame: the peer's parser would wait forever
@@ -400,9 +421,9 @@ class Transport:
     async def _read(self) -> None:
         """One read from the socket into the protocol (read lock held)."""
         try:
-            data = await self._stream.receive_some(_RECEIVE_SIZE)
+            data = await self._stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._fail(_describe_stream_error(exc))
+            self._fail(describe_stream_error(exc))
             return
         proto = self._proto
         if data:
@@ -510,5 +531,11 @@ class Transport:
                 await self._read()
 
 
-# --------------------------------------------------------------------------------------------
-# client side (agent)
+def _reraise(exc: BaseException) -> NoReturn:
+    """Raise exc without chaining it to the group that is being handled (which contains it)."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, context

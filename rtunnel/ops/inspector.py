@@ -322,6 +322,16 @@ class _Tap:
             self._inspector._take(self._received, data)
         return data
 
+    # The trio face, which a protocol switch's pump uses (send_eof and aclose carry no bytes: forwarded).
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+        self._inspector._take(self._sent, data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self._stream.receive_some(max_bytes)
+        self._inspector._take(self._received, data)
+        return data
+
     def _reply(self, head: ResponseHead) -> None:
         self._capture.reason = head.reason.decode("latin-1")
         self._capture.response_headers = self._inspector.redactor.headers(head.headers)

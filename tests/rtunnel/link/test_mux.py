@@ -293,6 +293,8 @@ async def test_interim_replies_piling_up_unread_reset_the_stream() -> None:
             while (await stream.receive_reply()).is_interim:
                 pass
         assert info.value.error_code is ErrorCode.ENHANCE_YOUR_CALM
+        assert relay.in_flight == 1  # until its owner is done with it
+        stream.close()
         assert relay.in_flight == 0
         relay.abort("done")
         agent.abort("done")

@@ -15,6 +15,7 @@ import trio
 import trio.testing
 import trio_websocket
 
+from rtunnel.link import wsserver
 from rtunnel.link.transport import SUBPROTOCOL, Transport, parse_relay_url
 from rtunnel.net.limits import AuthThrottle
 from tests.ports import refused_port
@@ -65,8 +66,8 @@ def test_parse_relay_url_bad(url: str, fragment: str) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_bearer_token_extraction(tr: ModuleType) -> None:
-    bearer = tr._bearer_token
+def test_bearer_token_extraction() -> None:
+    bearer = wsserver._bearer_token
     assert bearer([(b"authorization", b"Bearer abc")]) == b"abc"
     assert bearer([(b"authorization", b"bearer  abc ")]) == b"abc"
     assert bearer([]) is None

@@ -100,3 +100,35 @@ async def test_trailers_are_shown_with_the_message_they_end(side: str) -> None:
     assert detail[theirs]["trailers"] == [["X-Done", "2"]]
     assert stream.sent == sent
     assert not detail["replayable"]  # the relay's request had trailers; the agent never replays
+
+
+class _RawStream:
+    """What a tap needs of a MuxStream after a protocol switch: raw bytes each way."""
+
+    def __init__(self, incoming: bytes) -> None:
+        self.incoming = incoming
+        self.sent = b""
+        self.trailers = None
+
+    async def send_all(self, data: bytes) -> None:
+        self.sent += data
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data, self.incoming = self.incoming, b""
+        return data
+
+
+@pytest.mark.parametrize("side", ["relay", "agent"])
+async def test_a_switched_sessions_bytes_are_captured_both_ways(side: str) -> None:
+    """The protocol switch's pump uses the stream's trio face (send_all, receive_some): the tap sees it."""
+    inspector = Inspector(4)
+    capture = inspector.begin(side, b"GET", b"/chat", [], request_id=None)
+    stream = _RawStream(b"from the peer")
+    tap = capture.tap(cast(MuxStream, stream), "peer")
+    await tap.send_all(b"to the peer")
+    assert await tap.receive_some() == b"from the peer"
+    capture.finish(_access("/chat"))
+    detail = capture.detail()
+    mine, theirs = ("request", "response") if side == "relay" else ("response", "request")
+    assert (detail[mine]["body"]["text"], detail[theirs]["body"]["text"]) == ("to the peer", "from the peer")
+    assert stream.sent == b"to the peer"

@@ -370,6 +370,8 @@ async def test_a_stream_whose_peer_never_opens_its_window_is_reset(
         await stream.receive_reply()
     assert caught.value.error_code is ErrorCode.CANCEL and not caught.value.remote
     assert 60 <= trio.current_time() - started <= 60 + 30
+    assert relay.in_flight == 1  # its owner still has it
+    stream.close()
     assert relay.in_flight == 0 and not relay.is_closed  # the connection lives on
 
 
