@@ -187,8 +187,9 @@ class Transport:
         # send_nowait writes straight to a plain TCP socket (fastsend); through TLS every write is awaited.
         self._direct = type(stream) is trio.SocketStream and fastsend.DIRECT
         self._unsent: bytes | bytearray | memoryview | None = None  # a message's tail send_nowait left
-        if received:
-            self._handle(received)
+        # Even with no frames: what arrived behind the handshake may have been a protocol error or a
+        # message over max_size, which the protocol answered with a Close that must go out.
+        self._handle(received)
 
     @property
     def closed(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+from functools import partial
 from types import ModuleType
 
 import pytest
@@ -14,6 +15,8 @@ import trio.testing
 import trio_websocket
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
@@ -208,6 +211,41 @@ async def test_message_over_limit_closes_with_1009(tr: ModuleType, nursery: trio
     async with tr.connect(url, token=TOKEN, ssl_context=None, max_message_size=1024) as t:
         with pytest.raises(tr.TransportClosed, match="1009"):
             await t.receive()
+
+
+async def test_message_over_limit_behind_the_handshake_closes_with_1009(
+    tr: ModuleType, nursery: trio.Nursery
+) -> None:
+    """The 101 and an oversized message in one segment: the handshake's own read parses the frame, so the
+    link must still send the Close the protocol queued (it once waited for data that never came)."""
+    closes: list[Frame] = []
+
+    async def server(stream: trio.SocketStream) -> None:
+        proto = ServerProtocol(subprotocols=[Subprotocol(SUBPROTOCOL)])
+        while not (events := proto.events_received()):
+            proto.receive_data(await stream.receive_some())
+        request = events[0]
+        assert isinstance(request, Request)
+        proto.send_response(proto.accept(request))
+        proto.send_binary(bytes(4096))
+        await stream.send_all(b"".join(proto.data_to_send()))  # one write: 101 and frame together
+        while not closes:
+            data = await stream.receive_some()
+            if not data:
+                return
+            proto.receive_data(data)
+            closes.extend(
+                e for e in proto.events_received() if isinstance(e, Frame) and e.opcode is Opcode.CLOSE
+            )
+
+    listeners = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    async with tr.connect(
+        f"ws://127.0.0.1:{port}/agent", token=TOKEN, ssl_context=None, max_message_size=1024
+    ) as t:
+        with pytest.raises(tr.TransportClosed, match="1009"):
+            await t.receive()
+    assert closes and closes[0].data[:2] == (1009).to_bytes(2, "big")
 
 
 # --------------------------------------------------------------------------------------------
