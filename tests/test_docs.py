@@ -14,7 +14,7 @@ from rtunnel.cli import commands as cli
 from rtunnel.cli.docs import COMMAND, render
 from rtunnel.cli.parse import subparsers
 from rtunnel.http.target import DEFAULT_MAX_TARGET_LENGTH
-from rtunnel.link.wslink import MAX_MESSAGE_SIZE
+from rtunnel.link.wsterms import MAX_MESSAGE_SIZE
 from rtunnel.relay.limits import HttpLimits
 from rtunnel.relay.server import FRAME_SIZE, STREAM_WINDOW, RelayConfig
 from rtunnel.relay.wire import MAX_CHUNK_LINE

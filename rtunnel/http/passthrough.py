@@ -112,46 +112,20 @@ async def pump(
     WebSocket clients do after a server's close, must not hold the session forever)."""
     result = Pumped()
     clean = False
-    ended = 0
     try:
         async with trio.open_nursery() as nursery:
-
-            async def direction(
-                source: trio.abc.ReceiveStream,
-                sink: trio.abc.SendStream,
-                first: bytes,
-                count: Callable[[int], None],
-                end: Callable[[], Awaitable[bool]],
-            ) -> None:
-                nonlocal ended
-                try:
-                    await _copy(source, sink, first, count)
-                    half_closed = await end()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    if result.error is None:
-                        result.error = _failure(exc, what)
-                    nursery.cancel_scope.cancel()
-                    return
-                if not half_closed:
-                    nursery.cancel_scope.cancel()  # the session is over in both directions
-                    return
-                ended += 1
-                if ended == 1:  # the other direction now has half_close_timeout to end too
-                    nursery.cancel_scope.deadline = trio.current_time() + half_close_timeout
-
-            def into_stream(size: int) -> None:
-                result.into_stream += size
-
-            def out_of_stream(size: int) -> None:
-                result.out_of_stream += size
-
-            async def end_stream() -> bool:
-                await stream.send_eof()  # END_STREAM: failing to send it fails the session
-                return True
-
-            nursery.start_soon(direction, sock, stream, initial, into_stream, end_stream)
-            nursery.start_soon(direction, stream, sock, b"", out_of_stream, partial(_half_close, sock))
-        if result.error is None and ended == 1 and trio.current_time() >= nursery.cancel_scope.deadline:
+            session = _Session(result, what, half_close_timeout, nursery.cancel_scope)
+            nursery.start_soon(
+                session.direction, sock, stream, initial, session.into_stream, partial(_end_stream, stream)
+            )
+            nursery.start_soon(
+                session.direction, stream, sock, b"", session.out_of_stream, partial(_half_close, sock)
+            )
+        if (
+            result.error is None
+            and session.ended == 1
+            and trio.current_time() >= nursery.cancel_scope.deadline
+        ):
             result.error = f"half-closed for {half_close_timeout:g} s without the other direction ending"
         clean = result.error is None
     finally:
@@ -159,6 +133,47 @@ async def pump(
             stream.reset(ErrorCode.CANCEL)
             abort_socket(sock)
     return result
+
+
+@dataclasses.dataclass
+class _Session:
+    """What the two directions of one pump share: the result, and the scope that ends them both."""
+
+    result: Pumped
+    what: str
+    half_close_timeout: float
+    scope: trio.CancelScope
+    ended: int = 0  # directions that ended with a half-close
+
+    async def direction(
+        self,
+        source: trio.abc.ReceiveStream,
+        sink: trio.abc.SendStream,
+        first: bytes,
+        count: Callable[[int], None],
+        end: Callable[[], Awaitable[bool]],
+    ) -> None:
+        """One direction, then `end()`: True if the other may go on (a half-close), False if not."""
+        try:
+            await _copy(source, sink, first, count)
+            half_closed = await end()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if self.result.error is None:
+                self.result.error = _failure(exc, self.what)
+            self.scope.cancel()
+            return
+        if not half_closed:
+            self.scope.cancel()  # the session is over in both directions
+            return
+        self.ended += 1
+        if self.ended == 1:  # the other direction now has half_close_timeout to end too
+            self.scope.deadline = trio.current_time() + self.half_close_timeout
+
+    def into_stream(self, size: int) -> None:
+        self.result.into_stream += size
+
+    def out_of_stream(self, size: int) -> None:
+        self.result.out_of_stream += size
 
 
 async def _copy(
@@ -173,6 +188,11 @@ async def _copy(
         data = await source.receive_some(READ_SIZE)
         if not data:
             return
+
+
+async def _end_stream(stream: MuxStream) -> bool:
+    await stream.send_eof()  # END_STREAM: failing to send it fails the session
+    return True
 
 
 async def _half_close(sock: trio.abc.Stream) -> bool:

@@ -17,7 +17,9 @@ No compression, no library keepalive (the mux has its own heartbeat).
 from __future__ import annotations
 
 from .wsclient import AuthRejected, ConnectError, NotARelay, VersionMismatch, connect, parse_relay_url
-from .wslink import (
+from .wslink import Transport
+from .wsserver import Refusal, serve
+from .wsterms import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
@@ -27,10 +29,8 @@ from .wslink import (
     MAX_MESSAGE_SIZE,
     SUBPROTOCOL,
     TextMessage,
-    Transport,
     TransportClosed,
 )
-from .wsserver import Refusal, serve
 
 __all__ = [
     "CLOSE_GOING_AWAY",

@@ -22,7 +22,8 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
-from .wslink import (
+from .wslink import Transport
+from .wsterms import (
     CLOSE_PROTOCOL_ERROR,
     LIBRARY_LOG,
     LISTENER_HEADER,
@@ -30,7 +31,6 @@ from .wslink import (
     RECEIVE_SIZE,
     SUBPROTOCOL,
     SocketOrTLS,
-    Transport,
     describe_stream_error,
     peer_name,
 )

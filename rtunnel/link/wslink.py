@@ -2,7 +2,8 @@
 
 The handshakes are in wsclient.py (connect) and wsserver.py (serve); transport.py is the module the rest of
 rtunnel imports. What they use of this one: the Transport they build (with the frames that came in behind the
-handshake), `Transport.running` for the link's lifetime, and the helpers and constants below that are public. I/O design (one link = one socket):
+handshake) and `Transport.running` for the link's lifetime; the names all three share are in wsterms.py.
+I/O design (one link = one socket):
 - Reading: `receive()` itself is the reader (no reader task, no queue hop): it reads 64 KiB at a
   time under a read lock, feeds the protocol and hands out whole binary messages. The mux has one
   task looping on receive() that never blocks on anything else, so pings and Close frames are seen.
@@ -24,15 +25,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
-import ssl
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Final, NoReturn
+from typing import NoReturn
 
 import trio
 from websockets.client import ClientProtocol
-from websockets.frames import Close, CloseCode, Frame, Opcode
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Side, State
 from websockets.server import ServerProtocol
@@ -44,19 +43,16 @@ except ImportError:  # no C extension for this platform: still correct, ~100x sl
 
 from ..net import fastsend
 from ..net.entropy import random_bytes
-
-SUBPROTOCOL = "rtunnel.v1"
-
-# On every refusal of an upgrade by serve() (SPEC.md section 2): a dialer that gets a response without it
-# reached something other than an rtunnel relay's agents listener.
-LISTENER_HEADER: Final = "Rtunnel-Listener"
-
-# The protocol allows frames up to 16 MiB - 1 plus a 9-byte header; the slack leaves room for a
-# few small frames coalesced with the largest one. Senders must not coalesce beyond this.
-MAX_MESSAGE_SIZE = 16 * 1024 * 1024 + 64 * 1024
-
-# One read per 64 KiB: smaller reads multiply the per-call cost (trio checkpoint + syscall).
-RECEIVE_SIZE = 65536
+from .wsterms import (
+    CLOSE_NORMAL,
+    CLOSE_UNSUPPORTED_DATA,
+    RECEIVE_SIZE,
+    SocketOrTLS,
+    TextMessage,
+    TransportClosed,
+    describe_close,
+    describe_stream_error,
+)
 
 # Control frames (pongs) not yet written because a send is stuck. Each is at most 131 bytes; a
 # peer that keeps pinging while not reading what we send is broken or hostile.
@@ -65,75 +61,6 @@ _MAX_PENDING_CONTROL = 64 * 1024
 # Masking works on pieces of this size, written into a buffer kept per link (see Transport._frame).
 _MASK_CHUNK = 64 * 1024
 _KEEP_FRAME_BUFFER = 1024 * 1024 + 14
-
-logger = logging.getLogger("rtunnel.transport")
-
-SocketOrTLS = trio.SocketStream | trio.SSLStream[trio.SocketStream]
-
-
-class _LibraryLog(logging.LoggerAdapter[logging.Logger]):
-    """The logger handed to websockets. It logs every request header (our token) at DEBUG and
-    each open/close at INFO; only its warnings and errors get through."""
-
-    def isEnabledFor(self, level: int) -> bool:
-        return level >= logging.WARNING and self.logger.isEnabledFor(level)
-
-
-LIBRARY_LOG = _LibraryLog(logging.getLogger("rtunnel.transport.websockets"), {})
-
-
-class TransportClosed(Exception):
-    """The link is gone (peer closed, TCP lost, closed or aborted locally)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class TextMessage(TransportClosed):
-    """The peer sent a text message: a connection error PROTOCOL_ERROR (SPEC 2). The link is left open so
-    that the caller can send its GOAWAY first; closing it then sends Close 1003."""
-
-
-# WebSocket close codes (SPEC 2): which one ends a connection, by how it ended.
-CLOSE_NORMAL = 1000  # a drain completed, or a plain close
-CLOSE_GOING_AWAY = 1001  # the endpoint is shutting down
-CLOSE_PROTOCOL_ERROR = 1002  # after a GOAWAY reporting a connection error
-CLOSE_UNSUPPORTED_DATA = 1003  # after a text message
-CLOSE_POLICY_VIOLATION = 1008  # after a GOAWAY with ENHANCE_YOUR_CALM
-
-
-def describe_stream_error(exc: BaseException) -> str:
-    cause = exc.__cause__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"TLS: certificate verify failed: {cause.verify_message}"
-    if isinstance(cause, ssl.SSLError):
-        return f"TLS: {cause.reason or cause}"
-    if isinstance(cause, OSError):
-        return cause.strerror or str(cause)
-    if isinstance(exc, trio.ClosedResourceError):
-        return "closed locally"
-    return str(exc) or type(exc).__name__
-
-
-def _describe_close(close: Close) -> str:
-    try:
-        name = CloseCode(close.code).name
-    except ValueError:
-        name = "PRIVATE" if 4000 <= close.code < 5000 else "UNKNOWN"
-    text = f"WebSocket closed: {close.code} {name}"
-    return f"{text} ({close.reason})" if close.reason else text
-
-
-def peer_name(stream: SocketOrTLS) -> str:
-    """The peer's "host:port" (for logs)."""
-    sock = (stream.transport_stream if isinstance(stream, trio.SSLStream) else stream).socket
-    try:
-        host, port = sock.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
 
 # --------------------------------------------------------------------------------------------
 # Transport
@@ -463,13 +390,13 @@ class Transport:
             elif opcode is Opcode.PING and self.on_ping is not None:
                 self.on_ping()
             elif opcode is Opcode.CLOSE and self._end is None and self._proto.close_rcvd is not None:
-                self._end = _describe_close(self._proto.close_rcvd)
+                self._end = describe_close(self._proto.close_rcvd)
             # PING: the protocol queued the Pong already (written below unless on_ping raised); PONG: nothing.
         proto = self._proto
         if self._end is None and proto.parser_exc is not None and not isinstance(proto.parser_exc, EOFError):
             # Protocol violation or message over max_size: the protocol sent Close (1002/1009).
             sent = proto.close_sent
-            self._end = _describe_close(sent) if sent is not None else f"protocol error: {proto.parser_exc}"
+            self._end = describe_close(sent) if sent is not None else f"protocol error: {proto.parser_exc}"
         writes = proto.data_to_send()
         if writes:
             for chunk in writes:

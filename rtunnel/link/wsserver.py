@@ -20,14 +20,14 @@ from websockets.typing import Subprotocol
 
 from ..net.clientaddr import OncePer, ProxyHeaderGate
 from ..net.limits import AuthThrottle, Counter
-from .wslink import (
+from .wslink import Transport
+from .wsterms import (
     LIBRARY_LOG,
     LISTENER_HEADER,
     MAX_MESSAGE_SIZE,
     RECEIVE_SIZE,
     SUBPROTOCOL,
     SocketOrTLS,
-    Transport,
     describe_stream_error,
     logger,
     peer_name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 import h11
@@ -263,7 +264,9 @@ class Exchange:
         ]
         attempt.stage = Stage.HEAD_SENT
         attempt.status = head.status
-        carries = trailers_carried(self._request.method, head.status, headers, wire.h11.their_http_version)
+        carries = partial(
+            trailers_carried, self._request.method, head.status, headers, wire.h11.their_http_version
+        )
         await pump_response_body(wire, stream, attempt, pending, self._from_agent, carries_trailers=carries)
         return Then.NEXT
 

@@ -225,11 +225,12 @@ async def pump_response_body(
     pending: list[bytes | None],
     receive: Receive,
     *,
-    carries_trailers: bool,
+    carries_trailers: Callable[[], bool],
 ) -> None:
     """The response body and its end, after its head (`pending`, not written yet). Whatever already arrived
     goes out in one write with the head: a small response (head, body, end in one WebSocket message) then
-    costs one send instead of three. `receive` waits for the agent (see exchange.WATCH_AFTER)."""
+    costs one send instead of three. `receive` waits for the agent (see exchange.WATCH_AFTER).
+    `carries_trailers` (see trailers_carried) is asked only when the agent sent trailers."""
     held = 0  # batched bytes are out of the mux's memory accounting: keep them to one read's worth
     while True:
         chunk = stream.receive_data_nowait(READ_SIZE) if held < READ_SIZE else None
@@ -242,7 +243,7 @@ async def pump_response_body(
         attempt.bytes_out += len(chunk)
         held += len(chunk)
         pending.append(wire.h11.send(h11.Data(data=chunk)))
-    trailers = list(stream.trailers or ()) if carries_trailers else []
+    trailers = list(stream.trailers) if stream.trailers and carries_trailers() else []
     pending.append(wire.h11.send(h11.EndOfMessage(headers=trailers)))
     await wire.send_bytes(pending)
 

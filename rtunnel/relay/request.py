@@ -17,7 +17,7 @@ from protocol import HeadNotEncodable, HeadPart, RequestHead, request_head_size
 
 from ..http.passthrough import upgrade_offer, with_upgrade
 from ..http.proxyheaders import add_forwarding
-from ..link.wslink import SUBPROTOCOL
+from ..link.wsterms import SUBPROTOCOL
 from ..ops.logs import with_request_id
 from .limits import HttpLimits
 from .outcome import ErrorReply
