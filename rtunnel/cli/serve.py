@@ -162,7 +162,7 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
         float,
         relay.stall_timeout,
         "SECONDS",
-        "reset a stream whose agent grants no flow-control window this long",
+        "reset a stream whose agent grants no flow-control window, or drop a client that takes no response bytes, this long",
     )
     add("--auth-fail-limit", count, relay.auth_fail_limit, "N", "failed agent logins per address, then 429")
     add("--auth-fail-window", float, relay.auth_fail_window, "SECONDS", "window of --auth-fail-limit")
@@ -248,6 +248,7 @@ def _http_limits(args: argparse.Namespace) -> HttpLimits:
         head_timeout=args.head_timeout or math.inf,
         idle_timeout=args.idle_timeout or math.inf,
         body_timeout=args.body_timeout or math.inf,
+        send_timeout=args.stall_timeout or math.inf,
         max_body_size=args.max_body_size or None,
         max_connections=args.max_connections or None,
         max_connections_per_ip=args.max_connections_per_ip or None,

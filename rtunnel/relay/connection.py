@@ -70,7 +70,7 @@ class ClientConnection:
         on_exchange: Callable[[Access], None] | None = None,
         watchers: trio.Nursery | None = None,
     ) -> None:
-        self.wire = ClientWire(stream, limits.max_head_size)
+        self.wire = ClientWire(stream, limits.max_head_size, limits.send_timeout)
         self._on_exchange = on_exchange  # called with each exchange's access record (metrics)
         if isinstance(registry, AgentRegistry):  # one agent pool, no named tunnels (tests use this form)
             router = TunnelRouter(registry.agent_wait)

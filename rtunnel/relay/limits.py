@@ -19,6 +19,10 @@ class HttpLimits:
     head_timeout: float = 30.0  # time to receive a whole request head once it started (slowloris, 408)
     idle_timeout: float = 75.0  # keep-alive connection with no request in progress (closed quietly)
     body_timeout: float = 60.0  # a request body that stops arriving mid-way (408): slowloris on the body
+    # One write to a client that the client does not take this long (it stopped reading, keeping its TCP window
+    # shut): the connection is dropped, as nginx's send_timeout does. `--stall-timeout` sets it with the
+    # stream stall timeout, since both are a reader that takes nothing.
+    send_timeout: float = 60.0
     max_body_size: int | None = None  # None: unlimited (streamed, so no memory cost) (413)
     max_connections: int | None = 1024  # client connections on the HTTP listener, in total (503)
     # Per client address (the PROXY header's or X-Forwarded-For's behind a balancer). A quarter of the total:

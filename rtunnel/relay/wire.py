@@ -7,12 +7,17 @@ pumps (pumps.py) read bodies and write responses through it.
 
 from __future__ import annotations
 
+import logging
+import math
+
 import h11
 import trio
 
 from ..http.bridge import READ_SIZE
 from ..http.strict import HeadChecker
 from ..net import fastsend
+
+log = logging.getLogger("rtunnel.relay")
 
 __all__ = ["FEED_SIZE", "MAX_CHUNK_LINE", "ClientGone", "ClientWire"]
 
@@ -39,10 +44,11 @@ class ClientWire:
     """One client connection's bytes and its h11 state machine (server role)."""
 
     # Slots: one of these lives as long as its connection, a held long poll's too.
-    __slots__ = ("_head_checker", "_unfed", "chunked", "h11", "stream")
+    __slots__ = ("_head_checker", "_send_timeout", "_unfed", "chunked", "h11", "stream")
 
-    def __init__(self, stream: trio.abc.Stream, max_head_size: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, max_head_size: int, send_timeout: float = math.inf) -> None:
         self.stream = stream
+        self._send_timeout = send_timeout  # for one write the client does not take (HttpLimits.send_timeout)
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_size)
         self._unfed = _NOTHING  # read from the client, not yet given to h11 (see FEED_SIZE)
         self.chunked = False  # the current request's body is chunked
@@ -139,11 +145,21 @@ class ClientWire:
         data = (
             b"".join(piece for piece in pieces if piece) if len(pieces) > 1 else pieces[0] if pieces else None
         )
-        if data:
-            try:
-                await fastsend.send_all(self.stream, data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                raise ClientGone from None
+        if not data:
+            return
+        left = fastsend.send_nowait(self.stream, data)
+        if not left:
+            return  # the kernel took it all: no deadline needed, and no checkpoint
+        try:
+            # The deadline lives only in the slow path: it is the client's reading that stopped, which no
+            # stream reset or flow-control timeout on the tunnel side would ever interrupt.
+            with trio.move_on_after(self._send_timeout):
+                await fastsend.send_all(self.stream, left)
+                return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise ClientGone from None
+        log.info("client took no response bytes for %g s: connection dropped", self._send_timeout)
+        raise ClientGone
 
     def start_next_cycle(self) -> bool:
         conn = self.h11

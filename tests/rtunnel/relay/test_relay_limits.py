@@ -7,6 +7,8 @@ autojump clock, so a 30 s slowloris costs no wall time.
 
 from __future__ import annotations
 
+import logging
+
 import h11
 import pytest
 import trio
@@ -337,6 +339,23 @@ async def test_over_the_memory_budget_new_exchanges_get_503_until_it_drains() ->
         await other.send(b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n")
         assert (await other.response())[0] == 200
         assert b"/x" not in rig.agent.targets
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing on the tunnel side notices a client whose TCP window stays shut: the relay's write must give up
+    # by itself, or the connection and its per-address exchange slot are held forever.
+    caplog.set_level(logging.INFO, logger="rtunnel.relay")
+    async with relay_rig(HttpLimits(send_timeout=5.0, max_exchanges_per_ip=1)) as rig:
+        hog = await rig.connect("198.51.100.7", lockstep=True)  # takes no byte unless it reads
+        await hog.send(b"GET /big/200000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        await wait_until(lambda: len(rig.agent.seen) == 1)
+        with trio.fail_after(30):  # virtual time: the agent's stall reaper (60 s) would come later
+            await hog.done.wait()
+        assert "took no response bytes for 5 s" in caplog.text
+        # Its exchange slot is free again: the same address is served.
+        assert (await rig.request(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n", "198.51.100.7"))[0] == 200
 
 
 # --- zero-window stall reaper (rtunnel.link.mux) ---------------------------------------------------------------
