@@ -284,7 +284,7 @@ class Connection(_Receiving):
                 stream.end_pending = False
             if size:
                 append(_pack_header((size << 8) | _DATA, flags, stream_id))
-                _take_payload(stream, size, out)
+                stream.take_into(size, out)
                 self.outbound_total -= size
                 budget -= _HEADER_SIZE + size
             elif flags:
@@ -328,18 +328,3 @@ class Connection(_Receiving):
 def _misuse(stream: Stream, cell: SentCell) -> LocalProtocolError:
     assert isinstance(cell, Misuse)
     return LocalProtocolError(cell.message.format(stream_id=stream.stream_id))
-
-
-def _take_payload(stream: Stream, size: int, out: list[bytes | memoryview]) -> None:
-    """Move `size` bytes of the stream's outbound data to `out`, without a copy where one buffer holds them."""
-    outbound = stream.outbound
-    first = outbound[0]
-    if len(first) == size:  # common cases first: a whole buffer, or a frame-sized piece of one
-        out.append(outbound.popleft())
-        stream.outbound_bytes -= size
-    elif len(first) > size:
-        out.append(first[:size])
-        outbound[0] = first[size:]
-        stream.outbound_bytes -= size
-    else:
-        out.extend(stream.take(size))

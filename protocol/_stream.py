@@ -60,22 +60,20 @@ class Stream(Windows):
     def has_pending_output(self) -> bool:
         return self.outbound_bytes > 0 or self.end_pending
 
-    def take(self, size: int) -> list[memoryview]:
-        """Remove and return the first `size` queued octets as views, without copying."""
-        pieces: list[memoryview] = []
+    def take_into(self, size: int, out: list[bytes | memoryview]) -> None:
+        """Move the first `size` queued octets to `out` without copying: whole buffers as they are, a view of
+        the part of one that a frame splits off (once per DATA frame, so no list of its own)."""
         outbound = self.outbound
-        remaining = size
-        while remaining:
-            head = outbound[0]
-            if len(head) <= remaining:
-                pieces.append(outbound.popleft())
-                remaining -= len(head)
-            else:
-                pieces.append(head[:remaining])
-                outbound[0] = head[remaining:]
-                remaining = 0
         self.outbound_bytes -= size
-        return pieces
+        while size:
+            head = outbound[0]
+            if len(head) <= size:
+                out.append(outbound.popleft())
+                size -= len(head)
+            else:
+                out.append(head[:size])
+                outbound[0] = head[size:]
+                return
 
     def state(self) -> StreamState:
         send_closed = self.send_side is Side.CLOSED and not self.end_pending

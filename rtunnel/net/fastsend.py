@@ -20,7 +20,7 @@ from typing import Final
 
 import trio
 
-__all__ = ["DIRECT", "send_all", "send_nowait"]
+__all__ = ["DIRECT", "send_all", "send_nowait", "send_rest"]
 
 _POSIX: Final = os.name == "posix"
 DIRECT: Final = _POSIX  # send_nowait can write plain TCP streams here (elsewhere it never writes)
@@ -49,6 +49,13 @@ async def send_all(stream: trio.abc.SendStream, data: bytes | bytearray | memory
     left = send_nowait(stream, data)
     if not left and data:
         return
+    await send_rest(stream, left)
+
+
+async def send_rest(stream: trio.abc.SendStream, left: bytes | bytearray | memoryview) -> None:
+    """What send_nowait left of a write, through trio's send_all (which waits for the socket); direct writes
+    to the stream wait until it is done. send_all is send_nowait and then this; a caller that puts a deadline
+    on the wait calls the two itself."""
     key = id(stream)
     if key in _slow or type(stream) is not trio.SocketStream:
         await stream.send_all(left)  # a second sender meanwhile: trio refuses it, as without this module

@@ -154,7 +154,7 @@ class ClientWire:
             # The deadline lives only in the slow path: it is the client's reading that stopped, which no
             # stream reset or flow-control timeout on the tunnel side would ever interrupt.
             with trio.move_on_after(self._send_timeout):
-                await fastsend.send_all(self.stream, left)
+                await fastsend.send_rest(self.stream, left)
                 return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise ClientGone from None
