@@ -122,7 +122,7 @@ def one_mebibyte(ping: bytes) -> list[bytes]:
     return [*frames, ping]
 
 
-def parse_frames(data: bytes) -> list[Frame]:
+def parse_frames(data: bytes | bytearray) -> list[Frame]:
     """Whole frames of one WebSocket message (a frame never spans messages, SPEC 2)."""
     frames = []
     pos = 0

@@ -1,4 +1,4 @@
-"""WebSocket transport: with wslink.py, wsclient.py and wsserver.py, the only code that touches the WebSocket library (the sans-IO core of
+"""WebSocket transport: with wslink.py, wsframes.py, wsclient.py and wsserver.py, the only code that touches the WebSocket library (the sans-IO core of
 `websockets` >= 17, driven by our own trio code; not websockets.trio, not websockets.asyncio).
 
 Everything else in rtunnel imports this module: `Transport` (an established link, in wslink.py: send/receive

@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
+from .wsframes import HeadEnd
 from .wslink import Transport
 from .wsterms import (
     CLOSE_PROTOCOL_ERROR,
@@ -188,12 +189,24 @@ class _Dial:
         try:
             await stream.send_all(b"".join(proto.data_to_send()))
             events: list[Request | Response | Frame] = []
+            head_end: HeadEnd | None = HeadEnd()
+            behind: bytes | bytearray = b""
             while not events:
                 data = await stream.receive_some(RECEIVE_SIZE)
-                if data:
-                    proto.receive_data(data)
-                else:
+                if not data:
                     proto.receive_eof()
+                elif head_end is None:
+                    proto.receive_data(data)  # a refusal's body
+                else:
+                    head, rest = head_end.split(data)
+                    proto.receive_data(head)
+                    if rest is not None:
+                        head_end = None
+                        events = proto.events_received()
+                        if events:
+                            behind = rest  # a 101's: the link's first frames
+                            break
+                        proto.receive_data(rest)  # not a 101: the protocol reads the body
                 events = proto.events_received()
                 if not events and not data:
                     why = "peer closed the TCP connection"
@@ -209,8 +222,7 @@ class _Dial:
         assert isinstance(response, Response)
         if proto.handshake_exc is not None:
             raise self._refusal(proto.handshake_exc, response)
-        # With the frames that arrived right behind the 101.
-        transport = Transport(stream, proto, peer_name(stream), self.close_timeout, received=events)
+        transport = Transport(stream, proto, peer_name(stream), self.close_timeout, behind=behind)
         if proto.subprotocol != SUBPROTOCOL:
             await transport.aclose(CLOSE_PROTOCOL_ERROR, f"{SUBPROTOCOL} not selected")
             raise VersionMismatch(

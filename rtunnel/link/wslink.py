@@ -43,6 +43,7 @@ except ImportError:  # no C extension for this platform: still correct, ~100x sl
 
 from ..net import fastsend
 from ..net.entropy import random_bytes
+from .wsframes import IncomingFrames
 from .wsterms import (
     CLOSE_NORMAL,
     CLOSE_UNSUPPORTED_DATA,
@@ -85,9 +86,10 @@ class Transport:
         remote: str,
         close_timeout: float,
         *,
-        received: Sequence[Request | Response | Frame] = (),
+        behind: bytes | bytearray = b"",
     ) -> None:
-        """`proto` has completed its handshake; `received`: frames it parsed right behind it."""
+        """`proto` has completed its handshake, parsing no byte past its HTTP head; `behind`: the bytes read past
+        it (wsframes.HeadEnd)."""
         self.remote = remote  # "host:port" of the peer, for logs
         # What the server's authenticate() returned for this link (e.g. the token group), None on clients.
         self.principal: object = None
@@ -100,7 +102,7 @@ class Transport:
         self._close_timeout = close_timeout
         self._send_lock = trio.StrictFIFOLock()
         self._read_lock = trio.Lock()
-        self._messages: collections.deque[bytes] = collections.deque()
+        self._messages: collections.deque[bytes | bytearray] = collections.deque()
         self._fragments: list[bytes | bytearray | memoryview] | None = None  # a fragmented message
         self._control = bytearray()  # pongs / Close replies from the reader, not yet written
         self._frame_buffer = bytearray()  # for masking large messages (clients only)
@@ -114,9 +116,16 @@ class Transport:
         # send_nowait writes straight to a plain TCP socket (fastsend); through TLS every write is awaited.
         self._direct = type(stream) is trio.SocketStream and fastsend.DIRECT
         self._unsent: bytes | bytearray | memoryview | None = None  # a message's tail send_nowait left
-        # Even with no frames: what arrived behind the handshake may have been a protocol error or a
-        # message over max_size, which the protocol answered with a Close that must go out.
-        self._handle(received)
+        max_size = proto.max_message_size
+        self._incoming = IncomingFrames(
+            masked=proto.side is Side.SERVER,
+            max_size=max_size if max_size is not None and proto.max_fragment_size is None else 2**63,
+            on_message=self._messages.append,
+            fast_ok=self._fast_ok,
+            to_protocol=self._to_protocol,
+        )
+        if behind:
+            self._incoming.feed(behind)
 
     @property
     def closed(self) -> bool:
@@ -186,7 +195,7 @@ class Transport:
         finally:
             self._send_lock.release()
 
-    async def receive(self) -> bytes:
+    async def receive(self) -> bytes | bytearray:
         """Next binary message (cancel-safe). Raises TransportClosed when the link is gone."""
         while True:
             if self._local_reason is not None:
@@ -353,13 +362,21 @@ class Transport:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail(describe_stream_error(exc))
             return
-        proto = self._proto
         if data:
-            proto.receive_data(data)
+            self._incoming.feed(data)
         else:
             self._eof = True
             self._fail("peer closed the TCP connection")
-            proto.receive_eof()
+            self._proto.receive_eof()
+            self._handle(self._proto.events_received())
+
+    def _fast_ok(self) -> bool:
+        """A final binary frame would be a message of its own to the protocol object now (see wsframes)."""
+        return self._proto.state is State.OPEN and self._proto.current_size is None and not self._text
+
+    def _to_protocol(self, data: bytes) -> None:
+        proto = self._proto
+        proto.receive_data(data)
         self._handle(proto.events_received())
 
     # -- protocol events -------------------------------------------------------------------------

@@ -13,13 +13,13 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
-from websockets.frames import Frame
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from ..net.clientaddr import OncePer, ProxyHeaderGate
 from ..net.limits import AuthThrottle, Counter
+from .wsframes import HeadEnd
 from .wslink import Transport
 from .wsterms import (
     LIBRARY_LOG,
@@ -193,7 +193,7 @@ class _Acceptor:
                 received = await self._read_request(stream, proto, remote)
                 if received is None:
                     return None
-                request, events = received
+                request, behind = received
                 response = proto.accept(request)
                 principal: object = None
                 if response.status_code != 101:
@@ -212,8 +212,7 @@ class _Acceptor:
                 return None
             if response.status_code != 101:
                 return None
-            # With the frames the client sent right behind its request.
-            transport = Transport(stream, proto, remote, self.close_timeout, received=events)
+            transport = Transport(stream, proto, remote, self.close_timeout, behind=behind)
             transport.principal = principal
             return transport
         logger.info("handshake from %s timed out after %g s", remote, self.handshake_timeout)
@@ -221,18 +220,21 @@ class _Acceptor:
 
     async def _read_request(
         self, stream: SocketOrTLS, proto: ServerProtocol, remote: str
-    ) -> tuple[Request, list[Request | Response | Frame]] | None:
+    ) -> tuple[Request, bytes | bytearray] | None:
+        """The upgrade request, and the bytes read past its head (the link's first frames)."""
+        head_end = HeadEnd()
         while True:
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
                 logger.info("handshake from %s failed: peer closed the TCP connection", remote)
                 return None
-            proto.receive_data(data)
+            head, behind = head_end.split(data)
+            proto.receive_data(head)
             events = proto.events_received()
             if events:
                 request = events.pop(0)
                 assert isinstance(request, Request)
-                return request, events
+                return request, behind or b""
             if proto.handshake_exc is not None:
                 # Not HTTP, or a head over the library's limits. It answers 414/431 itself.
                 reply = b"".join(proto.data_to_send())
