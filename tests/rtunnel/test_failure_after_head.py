@@ -3,8 +3,10 @@ its head): nothing of it reached the client yet, so the client gets a 502 rather
 it, with or without a head.
 
 - the relay, in front of a scripted agent: a REPLY and a RESET that arrive in one WebSocket message;
+- the agent, in front of an upstream that closes its connection right after a head that announces a body;
+- the whole way, client to relay to agent to that upstream;
 - and what must not change: a head whose body is slow to start reaches the client at once (server-sent
-  events).
+  events), at the relay and at the agent.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ import h11
 import pytest
 import trio
 
-from protocol import ErrorCode, ResponseHead, Role, Settings, encode_hello, encode_response_head
+from protocol import ErrorCode, RequestHead, ResponseHead, Role, Settings, encode_hello, encode_response_head
+from rtunnel.agent.allowlist import Allowlist
+from rtunnel.agent.exchange import ExchangeHandler
 from rtunnel.conformance.peers import DATA, END_STREAM, OPEN, REPLY, RESET, Frame, frame, parse_frames, u32
 from rtunnel.link.mux import Multiplexer
+from rtunnel.net import fastsend
 
-from .memtransport import MemoryTransport, memory_transport_pair
+from .agent_harness import HOST, ServerConn, call, scripted_upstream, tunnel
+from .memtransport import MemoryTransport, memory_transport_pair, start_pair
 from .relay_rig import TIMEOUT, Client, Rig, relay_rig
 
 GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -183,3 +189,61 @@ async def test_a_head_whose_body_is_slow_to_start_reaches_the_client_at_once() -
         assert (await reader.head()).status_code == 200
         await agent.send(frame(DATA, END_STREAM, sid, b"data: 1\n\n"))
         assert await reader.body() == b"data: 1\n\n"
+
+
+async def head_then_close(stream: trio.SocketStream, index: int) -> None:
+    """An upstream that announces 100 bytes of body and closes right after its head, before any of them."""
+    await ServerConn(stream).read_request()
+    # Head and FIN back to back, with no checkpoint between: the agent finds both when it next runs.
+    assert not fastsend.send_nowait(stream, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    stream.socket.close()
+
+
+async def test_the_agent_answers_502_for_an_upstream_that_closes_after_its_head() -> None:
+    async with scripted_upstream(head_then_close) as url, tunnel(url) as t:
+        with trio.fail_after(TIMEOUT):
+            result = await call(t.relay, b"GET", b"/")  # a RESET after the REPLY would raise here
+    assert (result.status, result.ended_with_reply) == (502, False)
+    assert b"upstream closed the connection" in result.body
+
+
+async def test_the_agent_forwards_a_head_whose_body_is_slow_to_start_at_once() -> None:
+    go_on = trio.Event()
+
+    async def slow_events(stream: trio.SocketStream, index: int) -> None:
+        conn = ServerConn(stream)
+        await conn.read_request()
+        await conn.send(h11.Response(status_code=200, headers=[("Content-Type", "text/event-stream")]))
+        await go_on.wait()
+        await conn.send(h11.Data(data=b"data: 1\n\n"), h11.EndOfMessage())
+
+    async with scripted_upstream(slow_events) as url, tunnel(url) as t:
+        stream = await t.relay.open_stream(RequestHead(b"GET", b"/", ((b"Host", HOST),)), end_stream=True)
+        with trio.fail_after(TIMEOUT):
+            head = await stream.receive_reply()  # before the upstream wrote any of its body
+        assert head.status == 200
+        go_on.set()
+        with trio.fail_after(TIMEOUT):
+            assert await stream.receive_data() == b"data: 1\n\n"
+        stream.close()
+
+
+async def test_an_upstream_that_closes_after_its_head_is_a_502_for_the_client() -> None:
+    async with scripted_upstream(head_then_close) as url, relay_rig(with_agent=False) as rig:
+        handler = ExchangeHandler(url, Allowlist())
+        pair = await start_pair(
+            rig.nursery, handler, relay_options={"settings": Settings(max_concurrent_streams=0)}
+        )
+        rig.registry.add(pair.relay)
+        client = await rig.connect()
+        await client.send(GET)
+        status, _, body = await client.response()
+        assert status == 502
+        assert b"upstream closed the connection" in body
+        # The agent answered with a complete response: the client's connection goes on.
+        await client.send(GET)
+        status, _, _ = await client.response()
+        assert status == 502
+        pair.relay.abort("test over")
+        pair.agent.abort("test over")
+        await handler.aclose()
