@@ -4,7 +4,8 @@ the stream, and one retry on a fresh connection when a kept-alive one turns out 
 Every upstream failure maps to a status the client can act on:
 
 * no connection (refused, DNS, unreachable): 502; connect timeout or no response head in time: 504;
-* the upstream broke before the final response head: 502 with the reason as a text/plain body;
+* the upstream broke before the final REPLY was sent: 502 with the reason as a text/plain body (right after
+  its response head too, when its failure had already arrived: see _received_body);
 * the upstream broke after the final REPLY was sent: RESET(INTERNAL_ERROR), so the truncated body can never
   look complete.
 
@@ -395,10 +396,22 @@ async def _forward_response(exchange: Exchange, att: Attempt, response: h11.Resp
 
 def _received_body(conn: UpstreamConnection) -> tuple[bytes, h11.EndOfMessage | None]:
     """The response body bytes already received (up to READ_SIZE, without waiting) and its end if that
-    arrived too."""
+    arrived too.
+
+    When no body byte came with the head, the socket is read once more without waiting: an upstream that
+    closed right after its head (its EOF already here) is then a 502 from us, where a REPLY already sent
+    could only be followed by a RESET, and the relay would have to cut a response its client never saw
+    start. An upstream slow to start its body (server-sent events) costs one read that finds nothing."""
     pieces: list[bytes] = []
     size = 0
-    while size < READ_SIZE and (event := conn.next_event_nowait()) is not None:
+    looked = False
+    while size < READ_SIZE:
+        event = conn.next_event_nowait()
+        if event is None:
+            if pieces or looked or not conn.receive_nowait():
+                break
+            looked = True
+            continue
         if isinstance(event, h11.EndOfMessage):
             return b"".join(pieces), event
         if not isinstance(event, h11.Data):

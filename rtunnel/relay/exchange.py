@@ -31,6 +31,7 @@ from .pumps import (
     pump_response_body,
     pump_switched,
     request_side,
+    take_arrived,
     trailers_carried,
 )
 from .registry import NoAgentAvailable
@@ -194,6 +195,7 @@ class Exchange:
             self._request.method,
             exc,
             head_sent=attempt.stage >= Stage.HEAD_SENT,
+            replied=attempt.stage >= Stage.REPLIED,
             request_failed=attempt.failed is not None,
             body_lost=self._plan.has_body and replay.overflow,
             link_gone=link_gone,
@@ -259,15 +261,18 @@ class Exchange:
         headers = with_request_id(strip_hop_by_hop(list(head.headers)), self._request_id)
         if self._conn.draining:
             headers.append((b"Connection", b"close"))  # the relay is shutting down: no next request here
-        pending: list[bytes | None] = [
-            wire.h11.send(h11.Response(status_code=head.status, headers=headers, reason=head.reason))
-        ]
+        response = h11.Response(status_code=head.status, headers=headers, reason=head.reason)
+        attempt.stage = Stage.REPLIED
+        arrived = take_arrived(stream)  # a reset behind the head raises here, while a 502 is still possible
+        pending: list[bytes | None] = [wire.h11.send(response)]
         attempt.stage = Stage.HEAD_SENT
         attempt.status = head.status
         carries = partial(
             trailers_carried, self._request.method, head.status, headers, wire.h11.their_http_version
         )
-        await pump_response_body(wire, stream, attempt, pending, self._from_agent, carries_trailers=carries)
+        await pump_response_body(
+            wire, stream, attempt, pending, arrived, self._from_agent, carries_trailers=carries
+        )
         return Then.NEXT
 
     # -- the late watcher of a bodiless exchange ---------------------------------------------------

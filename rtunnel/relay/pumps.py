@@ -38,6 +38,7 @@ __all__ = [
     "trailers_carried",
     "pump_switched",
     "request_side",
+    "take_arrived",
 ]
 
 log = logging.getLogger("rtunnel.relay")
@@ -55,9 +56,12 @@ class Stage(enum.IntEnum):
     """How far the response of an attempt got (the response side's to set)."""
 
     WAITING = 0  # no response head went out: the relay may still answer itself, or send the request again
-    SWITCHING = 1  # a 101 is on its way: from here on, the client's EOF ends its direction, it is no leave
-    HEAD_SENT = 2  # a response head went out: a failure can only be signalled by breaking the connection
-    SWITCHED = 3  # the 101 went out: the connection carries raw bytes from here on
+    # The final response head arrived and is held (take_arrived): the relay may still answer itself, but a
+    # refusal is no longer believed, so the request is not sent again for one.
+    REPLIED = 1
+    SWITCHING = 2  # a 101 is on its way: from here on, the client's EOF ends its direction, it is no leave
+    HEAD_SENT = 3  # a response head went out: a failure can only be signalled by breaking the connection
+    SWITCHED = 4  # the 101 went out: the connection carries raw bytes from here on
 
 
 class Attempt:
@@ -218,21 +222,49 @@ def trailers_carried(
     return not any(name.lower() == b"content-length" for name, _ in headers)
 
 
+def take_arrived(stream: MuxStream) -> list[bytes]:
+    """The response body that arrived with its head, taken without waiting: up to one read's worth, with b""
+    last if the body ended too. Raises StreamReset if the stream failed behind them.
+
+    The caller holds the head out of h11 until this returns: an agent whose upstream died right after its
+    head sends REPLY then RESET, and when both are here, nothing of the response has reached the client,
+    which then gets the relay's 502 (SPEC 10.1) rather than a head and a cut. Only what already arrived
+    counts: a head whose body is slow to start (server-sent events) still goes out at once."""
+    arrived: list[bytes] = []
+    size = 0
+    while size < READ_SIZE and (chunk := stream.receive_data_nowait(READ_SIZE)) is not None:
+        arrived.append(chunk)
+        if not chunk:
+            break
+        size += len(chunk)
+    return arrived
+
+
 async def pump_response_body(
     wire: ClientWire,
     stream: MuxStream,
     attempt: Attempt,
     pending: list[bytes | None],
+    arrived: list[bytes],
     receive: Receive,
     *,
     carries_trailers: Callable[[], bool],
 ) -> None:
-    """The response body and its end, after its head (`pending`, not written yet). Whatever already arrived
-    goes out in one write with the head: a small response (head, body, end in one WebSocket message) then
-    costs one send instead of three. `receive` waits for the agent (see exchange.WATCH_AFTER).
-    `carries_trailers` (see trailers_carried) is asked only when the agent sent trailers."""
+    """The response body and its end, after its head (`pending`, not written yet) and what of the body
+    arrived with it (`arrived`, from take_arrived). Whatever already arrived goes out in one write with the
+    head: a small response (head, body, end in one WebSocket message) then costs one send instead of three.
+    `receive` waits for the agent (see exchange.WATCH_AFTER). `carries_trailers` (see trailers_carried) is
+    asked only when the agent sent trailers."""
     held = 0  # batched bytes are out of the mux's memory accounting: keep them to one read's worth
-    while True:
+    ended = False
+    for piece in arrived:
+        if not piece:
+            ended = True  # b"" comes last
+            break
+        attempt.bytes_out += len(piece)
+        held += len(piece)
+        pending.append(wire.h11.send(h11.Data(data=piece)))
+    while not ended:
         chunk = stream.receive_data_nowait(READ_SIZE) if held < READ_SIZE else None
         if chunk is None:
             await wire.send_bytes(pending)

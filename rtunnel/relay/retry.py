@@ -21,14 +21,16 @@ def on_reset(
     exc: StreamReset,
     *,
     head_sent: bool,
+    replied: bool,
     request_failed: bool,
     body_lost: bool,
     link_gone: bool,
 ) -> Retry | ErrorReply | Then:
     """SPEC 10.1, retry rule: what a stream reset before the response was complete comes to. `head_sent`:
-    part of the response is out; `request_failed`: the relay reset the stream itself for the client's side
-    (it left, or its body was refused), whose own answer wins; `body_lost`: part of the request body was sent
-    and is no longer held; `link_gone`: the agent's connection has ended (rather than this one stream)."""
+    part of the response is out; `replied`: the agent's final REPLY arrived, so it processed the request,
+    whatever a refusal after that says; `request_failed`: the relay reset the stream itself for the client's
+    side (it left, or its body was refused), whose own answer wins; `body_lost`: part of the request body was
+    sent and is no longer held; `link_gone`: the agent's connection has ended (rather than this one stream)."""
     if head_sent:
         return (
             Then.ABORT
@@ -40,7 +42,8 @@ def on_reset(
         return failed  # we reset it ourselves; the caller answers (or not) for the client's side
     # Never processed -> always safe; possibly processed -> only an idempotent request whose link died
     # (not one the agent failed on purpose), since nothing of the response reached the client.
-    safe = exc.retryable or (method in IDEMPOTENT and lost_link)
+    refused = exc.retryable and not replied
+    safe = refused or (method in IDEMPOTENT and lost_link)
     if safe and not body_lost:
-        return Retry(str(exc), maybe_processed=not exc.retryable)
+        return Retry(str(exc), maybe_processed=not refused)
     return failed
