@@ -69,7 +69,7 @@ async def _send_cut(peer: trio.SocketStream, data: bytes, cuts: list[int]) -> No
     start = 0
     for cut in sorted(set(cuts)):
         await peer.send_all(data[start:cut])
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         start = cut
     await peer.send_all(data[start:])
 
