@@ -5,10 +5,11 @@ rtunnel imports. What they use of this one: the Transport they build (with the f
 handshake) and `Transport.running` for the link's lifetime; the names all three share are in wsterms.py.
 I/O design (one link = one socket):
 - Reading: `receive()` itself is the reader (no reader task, no queue hop): it reads 64 KiB at a
-  time under a read lock, feeds the protocol and hands out whole binary messages. The mux has one
-  task looping on receive() that never blocks on anything else, so pings and Close frames are seen.
+  time under a read lock, cuts whole binary messages out of the reads (wsframes.IncomingFrames;
+  every other frame goes to the protocol object) and hands them out. The mux has one task looping
+  on receive() that never blocks on anything else, so pings and Close frames are seen.
 - Writing: `send()` takes the send lock, builds the frame and writes it with a single send_all
-  (see Transport._frame for why we frame data ourselves). Control frames the reader produces (pong,
+  (wsframes.py says why we frame data ourselves). Control frames the reader produces (pong,
   Close reply) go to a small buffer that the next sender writes in front of its frame, or that one
   writer task per link writes under the same lock. So the reader never waits for the socket: with
   both ends writing and neither reading, waiting there would deadlock the link. Our mux pings at its
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import NoReturn
 
@@ -36,14 +36,8 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Side, State
 from websockets.server import ServerProtocol
 
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # no C extension for this platform: still correct, ~100x slower masking
-    from websockets.utils import apply_mask
-
 from ..net import fastsend
-from ..net.entropy import random_bytes
-from .wsframes import IncomingFrames
+from .wsframes import IncomingFrames, OutgoingFrames
 from .wsterms import (
     CLOSE_NORMAL,
     CLOSE_UNSUPPORTED_DATA,
@@ -58,10 +52,6 @@ from .wsterms import (
 # Control frames (pongs) not yet written because a send is stuck. Each is at most 131 bytes; a
 # peer that keeps pinging while not reading what we send is broken or hostile.
 _MAX_PENDING_CONTROL = 64 * 1024
-
-# Masking works on pieces of this size, written into a buffer kept per link (see Transport._frame).
-_MASK_CHUNK = 64 * 1024
-_KEEP_FRAME_BUFFER = 1024 * 1024 + 14
 
 # --------------------------------------------------------------------------------------------
 # Transport
@@ -105,7 +95,7 @@ class Transport:
         self._messages: collections.deque[bytes | bytearray] = collections.deque()
         self._fragments: list[bytes | bytearray | memoryview] | None = None  # a fragmented message
         self._control = bytearray()  # pongs / Close replies from the reader, not yet written
-        self._frame_buffer = bytearray()  # for masking large messages (clients only)
+        self._outgoing = OutgoingFrames(masked=proto.side is Side.CLIENT)
         self._control_ready = trio.Event()
         self._text = False  # the peer sent a text message (a protocol violation for us)
         self._eof = False  # the peer closed its direction of the TCP connection
@@ -145,7 +135,7 @@ class Transport:
             proto = self._proto
             if self.closed or proto.state is not State.OPEN or not await self._send_unsent():
                 raise TransportClosed(self._reason())
-            data = self._frame(message)
+            data = self._outgoing.frame(message)
             if self._control:
                 data = b"".join((self._control, data))
                 self._control.clear()
@@ -173,13 +163,15 @@ class Transport:
         writer task for it: a scheduler pass saved per message. Never a checkpoint, so never cancelled
         partway."""
         assert self.can_send_nowait
-        data = self._frame(message)
+        data = self._outgoing.frame(message)
         if self._control:
             data = b"".join((self._control, data))
             self._control.clear()
         left = fastsend.send_nowait(self._stream, data)
         if left:
-            self._unsent = left  # may be a view of _frame_buffer: nothing is framed again before it is out
+            self._unsent = (
+                left  # may be a view of the framing buffer: nothing is framed again before it is out
+            )
 
     @property
     def send_pending(self) -> bool:
@@ -281,38 +273,6 @@ class Transport:
 
     def __repr__(self) -> str:
         return f"<Transport remote={self.remote} closed={self.closed}>"
-
-    def _frame(self, message: bytes | bytearray | memoryview) -> bytes | memoryview:
-        """One final binary frame. Built here, not by the protocol object (whose state does not
-        change for a data frame): its serializer makes two payload-sized allocations, and above
-        glibc's 128 KiB mmap threshold each one faults its pages in again (0.8 s/GB measured for
-        256 KiB messages; masking 64 KiB pieces into a kept buffer: 0.08 s/GB)."""
-        size = len(message)
-        if size < 126:
-            head = struct.pack("!BB", 0x82, size)
-        elif size < 65536:
-            head = struct.pack("!BBH", 0x82, 126, size)
-        else:
-            head = struct.pack("!BBQ", 0x82, 127, size)
-        if self._proto.side is Side.SERVER:
-            return b"".join((head, message))
-        mask = random_bytes(4)  # a client masks every frame (RFC 6455 5.3: unpredictable keys)
-        head = bytes([head[0], head[1] | 0x80]) + head[2:] + mask
-        if size <= _MASK_CHUNK:
-            return b"".join((head, apply_mask(message, mask)))
-        total = len(head) + size
-        buf = self._frame_buffer
-        if len(buf) < total:
-            buf = bytearray(total)  # never resized in place: a view of the old one may live on
-            if total <= _KEEP_FRAME_BUFFER:
-                self._frame_buffer = buf
-        buf[: len(head)] = head
-        view = memoryview(message)
-        offset = len(head)
-        for start in range(0, size, _MASK_CHUNK):  # multiples of 4: the mask phase is kept
-            piece = apply_mask(view[start : start + _MASK_CHUNK], mask)
-            buf[offset + start : offset + start + len(piece)] = piece
-        return memoryview(buf)[:total]
 
     # -- socket --------------------------------------------------------------------------------
 

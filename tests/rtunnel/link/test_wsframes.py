@@ -8,6 +8,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.client import ClientProtocol
@@ -170,3 +171,31 @@ def test_head_end_is_found_when_the_blank_line_is_split_between_reads() -> None:
             assert (first + second, behind) == (head, frames)
         else:
             assert (first, behind + data[cut:]) == (head, frames)
+
+
+@pytest.mark.parametrize("server_side", [True, False])
+async def test_the_peer_closing_inside_a_large_message_ends_the_link(server_side: bool) -> None:
+    link, peer = await _link(server_side)
+    data = Frame(Opcode.BINARY, bytes(200_000)).serialize(mask=server_side)
+    await peer.send_all(data[:100_000])
+    await peer.aclose()
+    with trio.fail_after(5), pytest.raises(TransportClosed, match="peer closed the TCP connection"):
+        await link.receive()
+
+
+async def test_an_abort_wakes_a_receive_waiting_inside_a_large_message() -> None:
+    link, peer = await _link(True)
+    await peer.send_all(Frame(Opcode.BINARY, bytes(200_000)).serialize(mask=True)[:100_000])
+    errors: list[str] = []
+
+    async def receive() -> None:
+        with pytest.raises(TransportClosed) as caught:
+            await link.receive()
+        errors.append(caught.value.reason)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            link.abort()
+    assert errors == ["aborted locally"]
