@@ -172,7 +172,9 @@ class IncomingFrames:
             or not self._fast_ok()
         ):
             if length > self._max_size:
-                self._splitting = False  # the protocol object refuses it as soon as it reads the header
+                # The protocol object refuses it as soon as it reads the header (or, with no limit set, which
+                # max_size -1 stands for, takes every frame from here on).
+                self._splitting = False
             else:
                 self._protocol_left = header_size + length
             return pos

@@ -106,10 +106,11 @@ class Transport:
         # send_nowait writes straight to a plain TCP socket (fastsend); through TLS every write is awaited.
         self._direct = type(stream) is trio.SocketStream and fastsend.DIRECT
         self._unsent: bytes | bytearray | memoryview | None = None  # a message's tail send_nowait left
-        max_size = proto.max_message_size
+        # The link takes a message itself only within the protocol object's limits (none set: it takes none).
+        limits = [limit for limit in (proto.max_message_size, proto.max_fragment_size) if limit is not None]
         self._incoming = IncomingFrames(
             masked=proto.side is Side.SERVER,
-            max_size=max_size if max_size is not None and proto.max_fragment_size is None else 2**63,
+            max_size=min(limits, default=-1),
             on_message=self._messages.append,
             fast_ok=self._fast_ok,
             to_protocol=self._to_protocol,

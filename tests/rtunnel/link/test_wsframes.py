@@ -54,14 +54,14 @@ def _expected(messages: list[tuple[str, object]]) -> list[bytes]:
     return [body if kind == "binary" else b"".join(body) for kind, body in messages]  # type: ignore[arg-type]
 
 
-async def _link(server_side: bool) -> tuple[Transport, trio.SocketStream]:
+async def _link(server_side: bool, max_size: int | None = 1 << 20) -> tuple[Transport, trio.SocketStream]:
     """A Transport on one end of a socket pair (the relay's side when `server_side`), and the raw other end."""
     ours, theirs = trio.socket.socketpair()
     proto: ServerProtocol | ClientProtocol
     if server_side:
-        proto = ServerProtocol(state=State.OPEN, max_size=1 << 20)
+        proto = ServerProtocol(state=State.OPEN, max_size=max_size)
     else:
-        proto = ClientProtocol(parse_uri("ws://relay/"), state=State.OPEN, max_size=1 << 20)
+        proto = ClientProtocol(parse_uri("ws://relay/"), state=State.OPEN, max_size=max_size)
     return Transport(trio.SocketStream(ours), proto, "peer", 1.0), trio.SocketStream(theirs)
 
 
@@ -126,6 +126,19 @@ async def test_a_message_spanning_many_reads_arrives_whole(server_side: bool) ->
         nursery.start_soon(_send_cut, peer, data, list(range(1, len(data), 9_999)))
         with trio.fail_after(10):
             assert await link.receive() == payload
+
+
+async def test_without_a_size_limit_every_frame_goes_through_the_protocol_object() -> None:
+    link, peer = await _link(True, max_size=None)
+    payload = random.Random(2).randbytes(100_000)
+    await peer.send_all(b"".join(Frame(Opcode.BINARY, p).serialize(mask=True) for p in (b"a", payload)))
+    # A header that claims 2**50 octets: no buffer is sized by it (the protocol object keeps what arrives).
+    await peer.send_all(bytes([0x82, 0xFF]) + (1 << 50).to_bytes(8, "big") + b"mask" + b"abc")
+    await peer.aclose()
+    with trio.fail_after(5):
+        assert [await link.receive(), await link.receive()] == [b"a", payload]
+        with pytest.raises(TransportClosed, match="peer closed the TCP connection"):
+            await link.receive()
 
 
 async def test_a_text_message_ends_what_the_link_hands_out_after_the_messages_before_it() -> None:
