@@ -36,8 +36,6 @@ __all__ = [
 
 log = logging.getLogger("rtunnel.agent.upstream")
 
-_POSIX: Final = os.name == "posix"
-
 # Largest response head we parse. The tunnel's own limit (MAX_HEAD_SIZE, 64 KiB by default) applies when the
 # head is forwarded; h11 only enforces its limit while a head is incomplete, so a head can exceed this by up
 # to one read.
@@ -181,19 +179,14 @@ class UpstreamConnection:
                 data = await self.stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamBroken(f"upstream connection failed: {_cause(exc)}") from None
-            if not data:
-                self.saw_eof = True
-            self.bytes_received += len(data)
-            self.h11.receive_data(data)
+            self._received(data)
         return event
 
     def receive_nowait(self) -> bool:
         """Give h11 what the socket holds right now (bytes, or the upstream's EOF) without waiting: False if
         it holds nothing, or is not a plain socket this can read. Raises UpstreamBroken."""
-        if not _POSIX or type(self.stream) is not trio.SocketStream:
-            return False
-        fd = self.stream.socket.fileno()  # -1 once closed
-        if fd < 0:
+        fd = fastsend.direct_fd(self.stream)
+        if fd is None:
             return False
         try:
             data = os.read(fd, READ_SIZE)  # trio's sockets are non-blocking; read(2) on one is recv(2)
@@ -201,11 +194,14 @@ class UpstreamConnection:
             return False
         except OSError as exc:
             raise UpstreamBroken(f"upstream connection failed: {_cause(exc)}") from None
+        self._received(data)
+        return True
+
+    def _received(self, data: bytes) -> None:
         if not data:
             self.saw_eof = True
         self.bytes_received += len(data)
         self.h11.receive_data(data)
-        return True
 
     def next_event_nowait(self) -> h11.Event | None:
         """The next response event if its bytes already arrived, else None. Raises UpstreamBroken."""

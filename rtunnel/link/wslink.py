@@ -1,7 +1,7 @@
 """One established WebSocket link: whole binary messages in and out over a socket we own.
 
 The handshakes are in wsclient.py (connect) and wsserver.py (serve); transport.py is the module the rest of
-rtunnel imports. What they use of this one: the Transport they build (with the frames that came in behind the
+rtunnel imports. What they use of this one: the Transport they build (with the bytes read behind the
 handshake) and `Transport.running` for the link's lifetime; the names all three share are in wsterms.py.
 I/O design (one link = one socket):
 - Reading: `receive()` itself is the reader (no reader task, no queue hop): it reads 64 KiB at a
@@ -170,9 +170,8 @@ class Transport:
             self._control.clear()
         left = fastsend.send_nowait(self._stream, data)
         if left:
-            self._unsent = (
-                left  # may be a view of the framing buffer: nothing is framed again before it is out
-            )
+            # It may be a view of the framing buffer: nothing is framed again before it is out.
+            self._unsent = left
 
     @property
     def send_pending(self) -> bool:

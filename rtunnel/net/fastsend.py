@@ -10,7 +10,8 @@ trio's send_all, which then waits for the socket, and raises trio's own exceptio
 A write never interleaves with another one: a stream whose bytes are partly through the slow path takes every
 later write through it too (trio's send_all then refuses concurrent senders with BusyResourceError as before).
 Only plain TCP streams take the fast path (TLS writes go through the SSL object), and only on POSIX, where
-write(2) on a socket is send(2).
+write(2) on a socket is send(2). `direct_fd` says which streams those are, for a read that must not wait too
+(the agent's look behind an upstream's response head).
 """
 
 from __future__ import annotations
@@ -20,11 +21,20 @@ from typing import Final
 
 import trio
 
-__all__ = ["DIRECT", "send_all", "send_nowait", "send_rest"]
+__all__ = ["DIRECT", "direct_fd", "send_all", "send_nowait", "send_rest"]
 
 _POSIX: Final = os.name == "posix"
 DIRECT: Final = _POSIX  # send_nowait can write plain TCP streams here (elsewhere it never writes)
 _slow: set[int] = set()  # id() of streams with a write in trio's send_all right now
+
+
+def direct_fd(stream: trio.abc.Stream | trio.abc.SendStream) -> int | None:
+    """The file descriptor of a plain TCP stream that read(2) and write(2) may use directly here (POSIX), or
+    None: not such a stream, or closed (-1 then: never a number another socket may have reused)."""
+    if not _POSIX or type(stream) is not trio.SocketStream:
+        return None
+    fd = stream.socket.fileno()
+    return fd if fd >= 0 else None
 
 
 def send_nowait(
@@ -32,10 +42,7 @@ def send_nowait(
 ) -> bytes | bytearray | memoryview:
     """Write what the kernel takes of `data` right now; what is left (empty: all of it went). A stream this
     module cannot write directly, or one with a write waiting in send_all, takes nothing here."""
-    if not _POSIX or type(stream) is not trio.SocketStream or id(stream) in _slow or not data:
-        return data
-    fd = stream.socket.fileno()  # -1 once closed: never a number another socket may have reused
-    if fd < 0:
+    if id(stream) in _slow or not data or (fd := direct_fd(stream)) is None:
         return data
     try:
         sent = os.write(fd, data)

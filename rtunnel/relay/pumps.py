@@ -256,16 +256,11 @@ async def pump_response_body(
     `receive` waits for the agent (see exchange.WATCH_AFTER). `carries_trailers` (see trailers_carried) is
     asked only when the agent sent trailers."""
     held = 0  # batched bytes are out of the mux's memory accounting: keep them to one read's worth
-    ended = False
-    for piece in arrived:
-        if not piece:
-            ended = True  # b"" comes last
-            break
-        attempt.bytes_out += len(piece)
-        held += len(piece)
-        pending.append(wire.h11.send(h11.Data(data=piece)))
-    while not ended:
-        chunk = stream.receive_data_nowait(READ_SIZE) if held < READ_SIZE else None
+    taken = iter(arrived)
+    while True:
+        chunk = next(taken, None)
+        if chunk is None:
+            chunk = stream.receive_data_nowait(READ_SIZE) if held < READ_SIZE else None
         if chunk is None:
             await wire.send_bytes(pending)
             pending, held = [], 0

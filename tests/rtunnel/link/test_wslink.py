@@ -216,8 +216,8 @@ async def test_message_over_limit_closes_with_1009(tr: ModuleType, nursery: trio
 async def test_message_over_limit_behind_the_handshake_closes_with_1009(
     tr: ModuleType, nursery: trio.Nursery
 ) -> None:
-    """The 101 and an oversized message in one segment: the handshake's own read parses the frame, so the
-    link must still send the Close the protocol queued (it once waited for data that never came)."""
+    """The 101 and an oversized message in one segment: the handshake's read brings the frame, which the link
+    must still refuse with the Close the protocol queues (it once waited for data that never came)."""
     closes: list[Frame] = []
 
     async def server(stream: trio.SocketStream) -> None:
